@@ -1,0 +1,65 @@
+"""Runtime, evaluation, logging, checkpoint, wandb and provenance schemas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from param_decomp_config.base import StrictModel
+
+
+class RuntimeConfig(StrictModel):
+    """How the step is placed and compiled."""
+
+    shard_components: bool = Field(False, description="Shard V/U along C over the `dp` axis.")
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of forward activations (master params stay fp32)."
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="XLA persistent compile cache (default: <out_dir>/../.jax_cache)."
+    )
+    transfer_guard: bool = Field(False, description="Disallow implicit host<->device transfers in the loop.")
+
+
+class EvalConfig(StrictModel):
+    """In-loop evaluation on a separate stream."""
+
+    eval_every: int = Field(500, ge=0, description="Steps between eval passes (0: only at the end).")
+    batch_size: int | None = Field(None, gt=0, description="Eval batch size (default: the training batch size).")
+    ci_alive_threshold: float = Field(0.1, gt=0, lt=1, description="A component is alive if CI exceeds this.")
+    rounding_threshold: float = Field(0.0, ge=0, lt=1, description="Rounded-CI mask: CI > threshold -> 1.")
+    pgd_steps: int = Field(5, ge=0, description="Fresh-PGD probe ascents in eval (0 disables).")
+    pgd_step_size: float = Field(0.1, gt=0, description="Fresh-PGD probe step size.")
+
+
+class LoggingConfig(StrictModel):
+    """Metric cadence."""
+
+    log_every: int = Field(100, gt=0, description="Steps between metrics.jsonl records.")
+    progress: bool = Field(True, description="Show a progress bar when stdout is a terminal.")
+
+
+class CheckpointConfig(StrictModel):
+    """Orbax checkpoints of the whole train state under <run_dir>/ckpts."""
+
+    save_every: int = Field(1000, ge=0, description="Steps between checkpoints (0: only step 0 and end).")
+    keep_last: int = Field(3, gt=0, description="How many checkpoints to keep.")
+
+
+class WandbConfig(StrictModel):
+    """Weights & Biases logging (offline by default: nothing touches the network)."""
+
+    enabled: bool = Field(False, description="Log to wandb.")
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="wandb mode.")
+    project: str = Field("param-decomp-jax", description="wandb project.")
+    group: str | None = Field(None, description="wandb group (pd-jax-lm stamps it).")
+    tags: list[str] = Field(default_factory=list, description="wandb tags.")
+
+
+class ResumeProvenanceConfig(StrictModel):
+    """Start from a parent run's components and CI fn (fresh optimizers, step 0, no warmup)."""
+
+    run_dir: Path = Field(description="The parent run directory (holds config.yaml and ckpts/).")
+    step: int | Literal["latest"] = Field("latest", description="Parent checkpoint step.")
