@@ -103,7 +103,9 @@ class ExperimentConfig(StrictModel):
             seen.add(tname)
             plan = getattr(term, "plan", None)
             if isinstance(plan, ChunksPlan) and n_sites % plan.k != 0:
-                raise ValueError(f"losses.{i}.plan.k: chunk size {plan.k} does not divide the {n_sites} sites")
+                raise ValueError(
+                    f"losses.{i}.plan.k: chunk size {plan.k} does not divide the {n_sites} sites"
+                )
             if isinstance(plan, SubsetsPlan):
                 for j, subset in enumerate(plan.subsets):
                     bad = [s for s in subset if s not in names]

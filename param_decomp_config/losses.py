@@ -170,7 +170,9 @@ class PGDReconLoss(_ReconTerm):
 
     type: Literal["pgd_recon"] = Field("pgd_recon", description="Term kind.")
     init: Literal["random", "ones", "zeros"] = Field("random", description="Source initialisation.")
-    scope: Literal["c", "bc", "bsc"] = Field("bsc", description="Source shape: shared, per batch, per position.")
+    scope: Literal["c", "bc", "bsc"] = Field(
+        "bsc", description="Source shape: shared, per batch, per position."
+    )
     n_steps: int = Field(5, ge=0, description="Sign ascents per step.")
     step_size: float = Field(0.1, gt=0, description="Sign ascent step size.")
 

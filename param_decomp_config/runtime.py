@@ -27,7 +27,9 @@ class EvalConfig(StrictModel):
     """In-loop evaluation on a separate stream."""
 
     eval_every: int = Field(500, ge=0, description="Steps between eval passes (0: only at the end).")
-    batch_size: int | None = Field(None, gt=0, description="Eval batch size (default: the training batch size).")
+    batch_size: int | None = Field(
+        None, gt=0, description="Eval batch size (default: the training batch size)."
+    )
     ci_alive_threshold: float = Field(0.1, gt=0, lt=1, description="A component is alive if CI exceeds this.")
     rounding_threshold: float = Field(0.0, ge=0, lt=1, description="Rounded-CI mask: CI > threshold -> 1.")
     pgd_steps: int = Field(5, ge=0, description="Fresh-PGD probe ascents in eval (0 disables).")

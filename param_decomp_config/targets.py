@@ -64,7 +64,8 @@ class ResidMLPTargetConfig(StrictModel):
     n_layers: int = Field(1, ge=1, le=3, description="Number of MLP layers (1 to 3).")
     act: Literal["relu", "gelu"] = Field("relu", description="MLP nonlinearity (also used in the label).")
     embedding: Literal["random", "identity"] = Field(
-        "random", description="Fixed embedding: random unit-norm rows, or identity (needs d_embed = n_features)."
+        "random",
+        description="Fixed embedding: random unit-norm rows, or identity (needs d_embed = n_features).",
     )
     pretrain: ToyPretrainConfig = Field(
         default_factory=lambda: ToyPretrainConfig(feature_probability=0.01),
@@ -92,7 +93,9 @@ class LlamaTargetConfig(StrictModel):
     checkpoint_dir: Path = Field(
         description="Folder with config.json and model.safetensors (or a sharded index). No hub downloads."
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Storage dtype of the frozen target.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Storage dtype of the frozen target."
+    )
 
     @model_validator(mode="after")
     def _checkpoint_exists(self) -> LlamaTargetConfig:
