@@ -1,0 +1,67 @@
+"""`jsp-train CONFIG.yaml`: train one decomposition locally and print a one-screen summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from param_decomp_jax.cli.common import add_config_args, config_from_args, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jsp-train",
+        description="Train a parameter decomposition (VPD) of a frozen model described by one YAML config. "
+        "Writes <out_dir>/<run_id>/ with config.yaml, metrics.jsonl, ckpts/ and summary.json; "
+        "resumes from the latest checkpoint if the run directory exists.",
+    )
+    add_config_args(parser)
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    return parser
+
+
+def format_summary(summary: dict, run_dir: str) -> str:
+    lines = [f"run {summary.get('run_id')}  ->  {run_dir}", f"steps {summary.get('steps')}"
+             f"   compile {summary.get('compile_s', 0):.1f}s   build {summary.get('build_s', 0):.1f}s"]
+    losses = {k: v for k, v in summary.items() if k.startswith("loss/")}
+    if losses:
+        lines.append("final losses: " + "  ".join(f"{k[5:]}={v:.4g}" for k, v in sorted(losses.items())))
+    recon = {k: v for k, v in summary.items() if k.startswith("eval/recon/")}
+    if recon:
+        lines.append("eval recon:   " + "  ".join(f"{k[11:]}={v:.4g}" for k, v in sorted(recon.items())))
+    sites = sorted({k.split("/", 2)[-1] for k in summary if k.startswith("eval/alive/")})
+    if sites:
+        lines.append(f"{'site':28s} {'alive':>6s} {'ci_l0':>7s} {'id_err':>7s} {'dense':>6s}")
+        for s in sites:
+            def get(key: str) -> str:
+                v = summary.get(key)
+                return "-" if v is None else f"{v:.3g}"
+            lines.append(f"{s:28s} {get('eval/alive/' + s):>6s} {get('eval/ci_l0/' + s):>7s} "
+                         f"{get('eval/identity_ci_error/' + s):>7s} {get('eval/probe_dense/' + s):>6s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        cfg = config_from_args(args)
+        from param_decomp_jax.runtime.compile_cache import enable_compile_cache
+        from param_decomp_jax.runtime.trainer import Trainer
+
+        enable_compile_cache(cfg.runtime.compile_cache_dir or Path(cfg.out_dir) / ".jax_cache")
+        trainer = Trainer(cfg, progress=not args.no_progress)
+        result = trainer.run_training()
+        if result.exit_code:
+            print(f"interrupted at step {result.final_step}; checkpoint saved in {result.run_dir.ckpts}",
+                  file=sys.stderr)
+            return result.exit_code
+        print(format_summary(result.summary, str(result.run_dir.root)))
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

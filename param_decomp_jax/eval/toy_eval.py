@@ -1,0 +1,31 @@
+"""End-of-run diagnostics for toy targets: CI on one-feature probes, identity and dense CI stats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from param_decomp_jax.eval.in_loop import make_ci_of_residual
+from param_decomp_jax.eval.toy_metrics import dense_ci_stats, identity_ci_error, probe_inputs
+
+
+def probe_ci(exp: Any, ci_params: Any) -> dict[str, np.ndarray]:
+    """CI (lower) of every site on the F one-feature probes: {site: [F, C]}."""
+    n_features = exp.cfg.target.n_features
+    ci_fn = jax.jit(make_ci_of_residual(exp.model, exp.ci_fn))
+    probes = jnp.asarray(probe_inputs(n_features))
+    ci = ci_fn(ci_params, exp.frozen, exp.residual_fn(exp.frozen, probes))
+    return {k: np.asarray(v) for k, v in ci.items()}
+
+
+def toy_probe_metrics(exp: Any, ci_params: Any, threshold: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for site, ci in probe_ci(exp, ci_params).items():
+        out[f"eval/identity_ci_error/{site}"] = float(identity_ci_error(ci, threshold))
+        stats = dense_ci_stats(ci, threshold)
+        for k, v in stats.items():
+            out[f"eval/probe_{k}/{site}"] = float(v)
+    return out

@@ -1,0 +1,73 @@
+"""Batch providers: synthetic toy batches generated on device, token batches loaded per process.
+
+Both are random-access by step (a resumed run sees the same batches without replaying) and give
+the same GLOBAL batch for any number of devices or processes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from param_decomp_config import ExperimentConfig
+from param_decomp_config.data import SparseFeatureDataConfig, TokenDataConfig
+
+EVAL_STREAM_OFFSET = 1_000_003  # eval keys live far from training keys
+
+
+class BatchProvider(Protocol):
+    def batch(self, step: int) -> jax.Array: ...
+
+
+class ToyBatches:
+    """Sparse-feature batches sampled on device from `fold_in(seed key, step)`."""
+
+    def __init__(self, data: SparseFeatureDataConfig, n_features: int, batch_size: int, seed: int,
+                 sharding: NamedSharding | None, stream: int = 0):
+        from param_decomp_jax.targets.toy_data import sample_sparse_features
+
+        base = jax.random.fold_in(jax.random.PRNGKey(seed), 7 + stream)
+
+        def sample(step: jax.Array) -> jax.Array:
+            return sample_sparse_features(
+                jax.random.fold_in(base, step), batch_size, n_features, data.feature_probability, data.generation
+            )
+
+        self._sample = jax.jit(sample, out_shardings=sharding)
+
+    def batch(self, step: int) -> jax.Array:
+        return self._sample(jnp.asarray(step, jnp.int32))
+
+
+class TokenBatchProvider:
+    """Token rows from parquet shards; each process loads its slice of the global batch."""
+
+    def __init__(self, data: TokenDataConfig, batch_size: int, seed: int, sharding: NamedSharding | None,
+                 stream: int = 0):
+        from param_decomp_jax.runtime.token_data import BatchSchedule, TokenBatches, TokenDataset, resolve_shards
+
+        path = data.train_path if stream == 0 or data.eval_path is None else data.eval_path
+        dataset = TokenDataset(resolve_shards(path), data.column, data.seq_len)
+        self._batches = TokenBatches(dataset, BatchSchedule(dataset.n_rows, batch_size, seed + stream))
+        self._sharding = sharding
+        self._global_shape = (batch_size, data.seq_len)
+
+    def batch(self, step: int) -> jax.Array:
+        local = self._batches.local_batch(step, jax.process_index(), jax.process_count())
+        if self._sharding is None:
+            return jnp.asarray(local)
+        return jax.make_array_from_process_local_data(self._sharding, np.asarray(local), self._global_shape)
+
+
+def make_batches(cfg: ExperimentConfig, sharding: NamedSharding | None, stream: int = 0,
+                 batch_size: int | None = None) -> BatchProvider:
+    bs = batch_size or cfg.batch_size
+    seed = cfg.seed + (EVAL_STREAM_OFFSET if stream else 0)
+    if isinstance(cfg.data, TokenDataConfig):
+        return TokenBatchProvider(cfg.data, bs, seed, sharding, stream)
+    n_features = cfg.target.n_features  # type: ignore[union-attr]
+    return ToyBatches(cfg.data, n_features, bs, seed, sharding, stream)

@@ -1,0 +1,235 @@
+"""The training loop: the composition root's second half. All I/O of a run happens here.
+
+The step is jitted ONCE here, with its shardings declared next to it; host metrics are read one
+step late so logging never makes the device wait.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from param_decomp_config import ExperimentConfig
+from param_decomp_jax.core.step import make_faithfulness_warmup, make_train_step
+from param_decomp_jax.eval.in_loop import make_eval_step
+from param_decomp_jax.runtime import mesh as mesh_lib
+from param_decomp_jax.runtime.build import Experiment, build_experiment
+from param_decomp_jax.runtime.checkpoint import CheckpointStore
+from param_decomp_jax.runtime.data import make_batches
+from param_decomp_jax.runtime.run_dir import RunDir, pin_config, run_dir_for
+from param_decomp_jax.runtime.sinks import JsonlSink, ProgressBar, Sinks, WandbSink
+
+# Exit code after a SIGTERM-triggered checkpoint: the SLURM script requeues on it.
+REQUEUE_EXIT_CODE = 75
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps, saves, and leaves."""
+
+    signum: int | None = None
+    previous: dict[int, Any] = field(default_factory=dict)
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunResult:
+    run_dir: RunDir
+    final_step: int
+    exit_code: int
+    summary: dict[str, Any]
+
+
+def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, progress: bool = True, target_cache: Path | None = None):
+        assert cfg.run_id is not None
+        self.cfg = cfg
+        self.run = run_dir_for(cfg)
+        self.primary = jax.process_index() == 0
+        self.progress = progress and cfg.logging.progress
+        self.mesh = mesh_lib.make_mesh()
+        mesh_lib.assert_global_batch_divisible(cfg.batch_size, self.mesh)
+        cache = target_cache or Path(cfg.out_dir) / ".target_cache"
+        t0 = time.perf_counter()
+        self.exp: Experiment = build_experiment(cfg, target_cache=cache)
+        self.build_s = time.perf_counter() - t0
+        # Data batches are 2-D for every target: [B, F] features or [B, T] token ids.
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh, 2)
+        self.replicated = mesh_lib.replicated(self.mesh)
+
+    # ---- state -----------------------------------------------------------------------------
+    def _shardings(self, abstract_state: Any) -> Any:
+        bsc_terms = [t.name or t.type for t in self.exp.spec.ppgd_terms() if t.scope.type == "bsc"]
+        return mesh_lib.state_shardings(
+            abstract_state, self.mesh, shard_components=self.cfg.runtime.shard_components,
+            batch_sharded_terms=bsc_terms,
+        )
+
+    def _initial_state(self, store: CheckpointStore) -> tuple[Any, Any, bool]:
+        """(state, shardings, restored). Resume beats provenance beats a fresh start."""
+        abstract = jax.eval_shape(self.exp.fresh_state)
+        shardings = self._shardings(abstract)
+        restored = store.restore_latest_valid(abstract, shardings)
+        if restored is not None:
+            return restored[1], shardings, True
+        state = jax.jit(self.exp.fresh_state, out_shardings=shardings)()
+        if self.cfg.resume_provenance is not None:
+            from param_decomp_jax.runtime.provenance import init_from_parent
+
+            state = init_from_parent(self.cfg, state, shardings)
+        elif self.cfg.faithfulness_warmup.steps > 0:
+            warm = make_faithfulness_warmup(
+                self.exp.model, self.cfg.faithfulness_warmup.steps, self.cfg.faithfulness_warmup.lr
+            )
+            comps, loss = jax.jit(warm, out_shardings=(shardings["components"], self.replicated))(
+                state["components"], self.exp.frozen
+            )
+            state = {**state, "components": comps}
+            self.warmup_faithfulness = float(loss)
+        return state, shardings, False
+
+    # ---- loop ------------------------------------------------------------------------------
+    def run_training(self) -> RunResult:
+        cfg, exp = self.cfg, self.exp
+        if self.primary:
+            pin_config(self.run, cfg)
+        self.warmup_faithfulness: float | None = None
+        store = CheckpointStore(self.run.ckpts, keep_last=cfg.checkpoint.keep_last)
+        state, shardings, resumed = self._initial_state(store)
+        start = int(jax.device_get(state["step"]))
+        if not resumed:
+            store.save(0, state, force=True)
+
+        frozen = jax.device_put(exp.frozen, self.replicated)
+        train_batches = make_batches(cfg, self.batch_sharding)
+        eval_bs = cfg.eval.batch_size or cfg.batch_size
+        eval_batches = make_batches(cfg, self.batch_sharding, stream=1, batch_size=eval_bs)
+        residual_fn = jax.jit(lambda f, b: jax.lax.stop_gradient(exp.residual_fn(f, b)),
+                              out_shardings=self.batch_sharding_like_residual())
+
+        step_fn = make_train_step(exp.model, exp.ci_fn, exp.spec, exp.optimizers)
+        # THE jit site of the training step: state donated, batch on `dp`, frozen replicated.
+        train_step = jax.jit(
+            step_fn,
+            in_shardings=(shardings, self.replicated, self.batch_sharding_like_residual()),
+            out_shardings=(shardings, self.replicated),
+            donate_argnums=(0,),
+        )
+        eval_step = jax.jit(make_eval_step(exp.model, exp.ci_fn, exp.spec.use_delta, cfg.eval),
+                            out_shardings=self.replicated)
+
+        sinks = Sinks(
+            JsonlSink(self.run.metrics) if self.primary else None,
+            WandbSink(cfg.wandb, self.run.root, cfg.run_id or "", cfg.model_dump(mode="json"))
+            if (self.primary and cfg.wandb.enabled) else None,
+        )
+        stop = StopFlag()
+        stop.install()
+        bar = ProgressBar(cfg.steps, start, self.progress)
+        pending: tuple[int, dict[str, jax.Array], float] | None = None
+        last: dict[str, float] = {}
+        compile_s = 0.0
+        exit_code = 0
+        t_prev = time.perf_counter()
+        step = start
+        try:
+            for step in range(start, cfg.steps):
+                residual = residual_fn(frozen, train_batches.batch(step))
+                t_call = time.perf_counter()
+                state, metrics = train_step(state, frozen, residual)
+                if step == start:
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - t_call
+                if pending is not None:  # read the previous logged step while this one runs
+                    last = self._flush(sinks, *pending)
+                    pending = None
+                now = time.perf_counter()
+                if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.steps:
+                    pending = (step + 1, metrics, now - t_prev)
+                t_prev = now
+                bar.update(1, last)
+                done = step + 1
+                if cfg.eval.eval_every and done % cfg.eval.eval_every == 0 and done < cfg.steps:
+                    self._eval(sinks, eval_step, eval_batches, state, frozen, residual_fn, done)
+                if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0:
+                    store.save(done, state)
+                if stop.signum is not None:
+                    break
+            step = int(jax.device_get(state["step"]))
+            if pending is not None:
+                last = self._flush(sinks, *pending)
+            if stop.signum is not None and step < cfg.steps:
+                store.save(step, state, force=True)
+                store.wait()
+                exit_code = REQUEUE_EXIT_CODE if stop.signum == signal.SIGTERM else 130
+                return RunResult(self.run, step, exit_code, {"interrupted_at": step})
+            final_eval = self._eval(sinks, eval_step, eval_batches, state, frozen, residual_fn, step)
+            store.save(step, state, force=True)
+            store.wait()
+            extra = self._final_metrics(state, sinks, step)
+            summary = {
+                "run_id": cfg.run_id, "steps": step, "compile_s": compile_s, "build_s": self.build_s,
+                "warmup_faithfulness": self.warmup_faithfulness, **last, **final_eval, **extra,
+            }
+            if self.primary:
+                self.run.summary.write_text(json.dumps(summary, indent=2, default=str))
+            return RunResult(self.run, step, exit_code, summary)
+        finally:
+            bar.close()
+            stop.restore()
+            sinks.close()
+            store.close()
+
+    def batch_sharding_like_residual(self) -> Any:
+        return mesh_lib.batch_sharding(self.mesh, len(self.exp.model.leading_axes) + 1)
+
+    def _flush(self, sinks: Sinks, step: int, metrics: dict[str, jax.Array], step_s: float) -> dict[str, float]:
+        host = _to_host(metrics)
+        host["time/step_s"] = step_s
+        sinks.log(step, host)
+        return host
+
+    def _eval(self, sinks, eval_step, eval_batches, state, frozen, residual_fn, step: int) -> dict[str, float]:
+        residual = residual_fn(frozen, eval_batches.batch(0))
+        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 17), step)
+        metrics = _to_host(eval_step(state["components"], state["ci_params"], frozen, residual, key))
+        sinks.log(step, metrics)
+        return metrics
+
+    def _final_metrics(self, state: Any, sinks: Sinks, step: int) -> dict[str, Any]:
+        """Target-specific end-of-run diagnostics (toy identity/dense CI)."""
+        if self.cfg.target.type not in ("tms", "resid_mlp"):
+            return {}
+        from param_decomp_jax.eval.toy_eval import toy_probe_metrics
+
+        metrics = toy_probe_metrics(self.exp, jax.device_get(state["ci_params"]), self.cfg.eval.ci_alive_threshold)
+        sinks.log(step, metrics)
+        return metrics
+
+
+def train(cfg: ExperimentConfig, progress: bool = True) -> RunResult:
+    return Trainer(cfg, progress=progress).run_training()
+
