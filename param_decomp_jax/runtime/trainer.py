@@ -92,7 +92,7 @@ class Trainer:
         """(state, shardings, restored). Resume beats provenance beats a fresh start."""
         abstract = jax.eval_shape(self.exp.fresh_state)
         shardings = self._shardings(abstract)
-        restored = store.restore_latest_valid(abstract, shardings)
+        restored = store.restore_latest_valid(mesh_lib.with_shardings(abstract, shardings))
         if restored is not None:
             return restored[1], shardings, True
         state = jax.jit(self.exp.fresh_state, out_shardings=shardings)()
