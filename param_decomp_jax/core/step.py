@@ -108,7 +108,9 @@ def init_train_state(
             spec.ppgd_terms(), jax.random.split(adv_key, max(len(spec.ppgd_terms()), 1)), strict=False
         )
     }
-    return {
+    # Strong dtypes everywhere: a weakly typed leaf would come back strong from the step and
+    # force a second trace (SPEC T1).
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "components": components,
         "ci_params": ci_params,
@@ -117,6 +119,7 @@ def init_train_state(
         "adversaries": adversaries,
         "rng": rng,
     }
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state)
 
 
 def _sg(tree: Any) -> Any:

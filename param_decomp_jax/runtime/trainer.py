@@ -117,7 +117,7 @@ class Trainer:
         if self.primary:
             pin_config(self.run, cfg)
         self.warmup_faithfulness: float | None = None
-        store = CheckpointStore(self.run.ckpts, keep_last=cfg.checkpoint.keep_last)
+        store = CheckpointStore(self.run.root, keep_last=cfg.checkpoint.keep_last)
         state, shardings, resumed = self._initial_state(store)
         start = int(jax.device_get(state["step"]))
         if not resumed:
@@ -154,7 +154,7 @@ class Trainer:
         compile_s = 0.0
         exit_code = 0
         t_prev = time.perf_counter()
-        step = start
+        step = logged_step = start
         try:
             for step in range(start, cfg.steps):
                 residual = residual_fn(frozen, train_batches.batch(step))
@@ -163,13 +163,15 @@ class Trainer:
                 if step == start:
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - t_call
+                    t_prev, logged_step = time.perf_counter(), start + 1  # keep compile out of step time
                 if pending is not None:  # read the previous logged step while this one runs
                     last = self._flush(sinks, *pending)
                     pending = None
-                now = time.perf_counter()
                 if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.steps:
-                    pending = (step + 1, metrics, now - t_prev)
-                t_prev = now
+                    # Wall time per step over the interval (dispatch is async; the fetch above syncs).
+                    now = time.perf_counter()
+                    pending = (step + 1, metrics, (now - t_prev) / max(step + 1 - logged_step, 1))
+                    t_prev, logged_step = now, step + 1
                 bar.update(1, last)
                 done = step + 1
                 if cfg.eval.eval_every and done % cfg.eval.eval_every == 0 and done < cfg.steps:
