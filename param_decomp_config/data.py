@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from param_decomp_config.base import StrictModel
 
@@ -20,6 +20,17 @@ class SparseFeatureDataConfig(StrictModel):
         description="`at_least_zero_active`: independent Bernoulli per feature; "
         "`exactly_one_active`: one uniformly chosen feature per example.",
     )
+    value_range: tuple[float, float] | None = Field(
+        None,
+        description="Active features take values ~ U[lo, hi). None: the target's own range, [0, 1] for "
+        "TMS and [-1, 1] for ResidMLP (whose label act(x) + x would be linear on [0, 1]).",
+    )
+
+    @model_validator(mode="after")
+    def _range_order(self) -> SparseFeatureDataConfig:
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range must be [lo, hi] with lo < hi, got {list(self.value_range)}")
+        return self
 
 
 class TokenDataConfig(StrictModel):

@@ -63,6 +63,9 @@ class ResidMLPTargetConfig(StrictModel):
     d_mlp: int = Field(50, gt=0, description="Hidden width of each MLP.")
     n_layers: int = Field(1, ge=1, le=3, description="Number of MLP layers (1 to 3).")
     act: Literal["relu", "gelu"] = Field("relu", description="MLP nonlinearity (also used in the label).")
+    in_bias: bool = Field(
+        False, description="Give each MLP a (frozen, pretrained) input bias; the published target has none."
+    )
     embedding: Literal["random", "identity"] = Field(
         "random",
         description="Fixed embedding: random unit-norm rows, or identity (needs d_embed = n_features).",
