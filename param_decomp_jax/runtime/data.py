@@ -27,14 +27,17 @@ class ToyBatches:
     """Sparse-feature batches sampled on device from `fold_in(seed key, step)`."""
 
     def __init__(self, data: SparseFeatureDataConfig, n_features: int, batch_size: int, seed: int,
-                 sharding: NamedSharding | None, stream: int = 0):
+                 sharding: NamedSharding | None, stream: int = 0,
+                 value_range: tuple[float, float] = (0.0, 1.0)):
         from param_decomp_jax.targets.toy_data import sample_sparse_features
 
         base = jax.random.fold_in(jax.random.PRNGKey(seed), 7 + stream)
+        self.value_range = value_range
 
         def sample(step: jax.Array) -> jax.Array:
             return sample_sparse_features(
-                jax.random.fold_in(base, step), batch_size, n_features, data.feature_probability, data.generation
+                jax.random.fold_in(base, step), batch_size, n_features, data.feature_probability, data.generation,
+                value_range,
             )
 
         self._sample = jax.jit(sample, out_shardings=sharding)
@@ -69,5 +72,9 @@ def make_batches(cfg: ExperimentConfig, sharding: NamedSharding | None, stream: 
     seed = cfg.seed + (EVAL_STREAM_OFFSET if stream else 0)
     if isinstance(cfg.data, TokenDataConfig):
         return TokenBatchProvider(cfg.data, bs, seed, sharding, stream)
+    from param_decomp_jax.targets.toy_data import resolve_value_range
+
     n_features = cfg.target.n_features  # type: ignore[union-attr]
-    return ToyBatches(cfg.data, n_features, bs, seed, sharding, stream)
+    # ResidMLP features live in [-1, 1] (on [0, 1] its label act(x) + x would be linear).
+    value_range = resolve_value_range(cfg.target.type, cfg.data.value_range)
+    return ToyBatches(cfg.data, n_features, bs, seed, sharding, stream, value_range)
