@@ -22,6 +22,7 @@ from param_decomp_jax.runtime import mesh as mesh_lib
 from param_decomp_jax.runtime.build import Experiment, build_experiment
 from param_decomp_jax.runtime.checkpoint import CheckpointStore
 from param_decomp_jax.runtime.data import make_batches
+from param_decomp_jax.runtime.provenance import provenance_record
 from param_decomp_jax.runtime.run_dir import RunDir, pin_config, run_dir_for
 from param_decomp_jax.runtime.sinks import JsonlSink, ProgressBar, Sinks, WandbSink
 
@@ -195,6 +196,7 @@ class Trainer:
             summary = {
                 "run_id": cfg.run_id, "steps": step, "compile_s": compile_s, "build_s": self.build_s,
                 "warmup_faithfulness": self.warmup_faithfulness, **last, **final_eval, **extra,
+                "resume_provenance": provenance_record(cfg, self.run),
             }
             if self.primary:
                 self.run.summary.write_text(json.dumps(summary, indent=2, default=str))
