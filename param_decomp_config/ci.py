@@ -29,6 +29,20 @@ class LayerwiseMLPCIConfig(_CIConfigBase):
     )
 
 
+class ComponentMLPCIConfig(_CIConfigBase):
+    """One tiny MLP per COMPONENT on its scalar inner activation `x @ V[:, c]` (SPD's "mlp" gates).
+
+    CI of component c sees only how strongly the input projects on V[:, c]; gradients flow back
+    into V through that activation. This is the published toy-model regime (TMS, ResidMLP).
+    """
+
+    type: Literal["component_mlp"] = Field("component_mlp", description="CI network kind.")
+    hidden_dims: list[PositiveInt] = Field(
+        default_factory=lambda: [16],
+        description="Widths of the GELU hidden layers of every per-component MLP (scalar in, scalar out).",
+    )
+
+
 class SharedMLPCIConfig(_CIConfigBase):
     """One MLP over the concatenation (last axis) of all site inputs, in site order.
 
@@ -70,7 +84,7 @@ class SharedTransformerCIConfig(_CIConfigBase):
 
 
 CIFnConfig = Annotated[
-    LayerwiseMLPCIConfig | SharedMLPCIConfig | SharedTransformerCIConfig,
+    LayerwiseMLPCIConfig | ComponentMLPCIConfig | SharedMLPCIConfig | SharedTransformerCIConfig,
     Field(discriminator="type"),
 ]
 

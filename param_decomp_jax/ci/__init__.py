@@ -18,11 +18,12 @@ from jaxtyping import Array, Float
 
 from param_decomp_config.ci import (
     CIFnConfig,
+    ComponentMLPCIConfig,
     LayerwiseMLPCIConfig,
     SharedMLPCIConfig,
     SharedTransformerCIConfig,
 )
-from param_decomp_jax.ci.mlp import LayerwiseMLPCI, SharedMLPCI
+from param_decomp_jax.ci.mlp import ComponentMLPCI, LayerwiseMLPCI, SharedMLPCI
 from param_decomp_jax.ci.transformer import SharedTransformerCI
 from param_decomp_jax.core.ci_fn import CIFn, check_ci_fn_matches
 from param_decomp_jax.core.model import SiteSpec
@@ -32,6 +33,7 @@ CIParams = dict[str, Any]
 
 _REGISTRY: dict[type, type[nnx.Module]] = {
     LayerwiseMLPCIConfig: LayerwiseMLPCI,
+    ComponentMLPCIConfig: ComponentMLPCI,
     SharedMLPCIConfig: SharedMLPCI,
     SharedTransformerCIConfig: SharedTransformerCI,
 }
@@ -42,6 +44,7 @@ def module_as_ci_fn(
     key: jax.Array,
     leading_axes: tuple[str, ...],
     description: str = "",
+    reads_component_acts: bool = False,
 ) -> tuple[CIFn, CIParams]:
     """Wrap `make_module(rngs)` (an nnx module `{site: x} -> {site: logits}`) as a pure `CIFn`.
 
@@ -69,7 +72,11 @@ def module_as_ci_fn(
         nnx.replace_by_pure_dict(fresh, params)
         return nnx.merge(graphdef, fresh)(site_inputs)
 
-    return CIFn(leading_axes=tuple(leading_axes), apply=apply, description=description), params
+    ci_fn = CIFn(
+        leading_axes=tuple(leading_axes), apply=apply, description=description,
+        reads_component_acts=reads_component_acts,
+    )
+    return ci_fn, params
 
 
 def build_ci_fn(
@@ -96,6 +103,7 @@ def build_ci_fn(
         key,
         ci_leading,
         description,
+        reads_component_acts=getattr(module_cls, "reads_component_acts", False),
     )
 
 

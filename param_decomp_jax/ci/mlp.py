@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from param_decomp_config.ci import LayerwiseMLPCIConfig, SharedMLPCIConfig
+from param_decomp_config.ci import ComponentMLPCIConfig, LayerwiseMLPCIConfig, SharedMLPCIConfig
 from param_decomp_jax.core.model import SiteSpec
 
 # Fan-in scaled plain normal (std 1/sqrt(fan_in)), biases zero: the method's CI-fn init.
@@ -118,3 +118,49 @@ class SharedMLPCI(nnx.Module):
     ) -> dict[str, Float[Array, "*leading C"]]:
         x = jnp.concatenate([site_inputs[s.name].astype(jnp.float32) for s in self.sites], axis=-1)
         return split_per_site(self.mlp(x), self.sites)
+
+
+class ComponentMLPCI(nnx.Module):
+    """Per site and per component an MLP `1 -> hidden -> 1` on the component activation `x @ V[:, c]`.
+
+    The C small MLPs of a site are stored as stacked weights `[C, d_in, d_out]` and applied with
+    one einsum per layer (no Python loop over components).
+    """
+
+    required_leading_axes: ClassVar[tuple[str, ...] | None] = None
+    reads_component_acts: ClassVar[bool] = True
+
+    def __init__(self, sites: Sequence[SiteSpec], hidden_dims: Sequence[int], *, rngs: nnx.Rngs):
+        self.site_names = tuple(s.name for s in sites)
+        dims = [1, *hidden_dims, 1]
+        self.n_layers = len(dims) - 1
+        per_site = {}
+        for s in sites:
+            layer_params = {}
+            for i in range(self.n_layers):
+                # Fan-in of ONE component's layer is dims[i] (flax's variance_scaling would count C too).
+                w = jax.random.normal(rngs.params(), (s.C, dims[i], dims[i + 1]), jnp.float32) / jnp.sqrt(dims[i])
+                layer_params[f"w{i}"] = nnx.Param(w)
+                layer_params[f"b{i}"] = nnx.Param(jnp.zeros((s.C, dims[i + 1]), jnp.float32))
+            per_site[s.name] = nnx.Dict(layer_params)
+        self.weights = nnx.Dict(per_site)
+
+    @classmethod
+    def from_config(
+        cls, cfg: ComponentMLPCIConfig, sites: Sequence[SiteSpec], rngs: nnx.Rngs
+    ) -> ComponentMLPCI:
+        return cls(sites, cfg.hidden_dims, rngs=rngs)
+
+    def __call__(
+        self, component_acts: Mapping[str, Float[Array, "*leading C"]]
+    ) -> dict[str, Float[Array, "*leading C"]]:
+        out = {}
+        for n in self.site_names:
+            h = component_acts[n].astype(jnp.float32)[..., None]  # [*leading, C, 1]
+            for i in range(self.n_layers):
+                w, b = self.weights[n][f"w{i}"], self.weights[n][f"b{i}"]
+                h = jnp.einsum("...ci,cio->...co", h, w[...]) + b[...]
+                if i < self.n_layers - 1:
+                    h = gelu(h)
+            out[n] = h[..., 0]
+        return out

@@ -7,6 +7,7 @@ jits it once with its shardings (see `runtime/trainer.py`). The CI network runs 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from param_decomp_config.losses import (
     term_name,
 )
 from param_decomp_jax.core import adversary as adv_lib
-from param_decomp_jax.core.ci_fn import CIFn
+from param_decomp_jax.core.ci_fn import CIFn, ci_logits
 from param_decomp_jax.core.losses import annealed_p, faithfulness_loss, importance_minimality_loss
 from param_decomp_jax.core.model import Components, DecomposedModel, PyTree
 from param_decomp_jax.core.recon import (
@@ -127,7 +128,16 @@ def _sg(tree: Any) -> Any:
 
 
 def _active(term: ReconTerm, step: Array, total_steps: int) -> Array:
-    start = int(getattr(term, "start_frac", 0.0) * total_steps)
+    """SPEC P6: off while `step / total_steps < start_frac`, i.e. before the first step at or past it.
+
+    Flooring `start_frac * total_steps` would switch a term on early (0.25 of 10 steps: at step 2).
+    """
+    frac = getattr(term, "start_frac", 0.0)
+    start = math.ceil(frac * total_steps)
+    while start > 0 and (start - 1) / total_steps >= frac:  # 0.3 * 10 rounds up to 3.0000000000000004
+        start -= 1
+    while start / total_steps < frac:
+        start += 1
     return step >= start
 
 
@@ -149,7 +159,10 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
         )
         clean, site_inputs = model.clean_output_and_site_inputs(frozen, residual)
         clean, site_inputs = _sg(clean), _sg(site_inputs)
-        logits, ci_vjp = jax.vjp(lambda p: ci_fn.apply(p, site_inputs), state["ci_params"])
+        # One CI evaluation per step; a network reading `x @ V` also sends gradients to V.
+        logits, ci_vjp = jax.vjp(
+            lambda p, c: ci_logits(ci_fn, p, site_inputs, c), state["ci_params"], state["components"]
+        )
         leading_shape = next(iter(logits.values())).shape[:-1]
         ci_lower_detached = _sg({k: lower_leaky_hard(v) for k, v in logits.items()})
         components_detached = _sg(state["components"])
@@ -277,7 +290,8 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
         (_, (parts, ci_lower)), (g_comp, g_logits, g_raw) = jax.value_and_grad(
             loss_fn, argnums=(0, 1, 2), has_aux=True
         )(state["components"], logits, ppgd_raw)
-        (g_ci,) = ci_vjp(g_logits)
+        g_ci, g_comp_via_ci = ci_vjp(g_logits)
+        g_comp = jax.tree.map(jnp.add, g_comp, g_comp_via_ci)
         metrics.update(parts)
 
         # -- updates: sources (fused final ascent, coefficient divided out), components, CI fn --

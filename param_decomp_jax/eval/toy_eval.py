@@ -12,18 +12,18 @@ from param_decomp_jax.eval.in_loop import make_ci_of_residual
 from param_decomp_jax.eval.toy_metrics import dense_ci_stats, identity_ci_error, probe_inputs
 
 
-def probe_ci(exp: Any, ci_params: Any) -> dict[str, np.ndarray]:
+def probe_ci(exp: Any, ci_params: Any, components: Any = None) -> dict[str, np.ndarray]:
     """CI (lower) of every site on the F one-feature probes: {site: [F, C]}."""
     n_features = exp.cfg.target.n_features
     ci_fn = jax.jit(make_ci_of_residual(exp.model, exp.ci_fn))
     probes = jnp.asarray(probe_inputs(n_features))
-    ci = ci_fn(ci_params, exp.frozen, exp.residual_fn(exp.frozen, probes))
+    ci = ci_fn(ci_params, exp.frozen, exp.residual_fn(exp.frozen, probes), components)
     return {k: np.asarray(v) for k, v in ci.items()}
 
 
-def toy_probe_metrics(exp: Any, ci_params: Any, threshold: float) -> dict[str, float]:
+def toy_probe_metrics(exp: Any, ci_params: Any, threshold: float, components: Any = None) -> dict[str, float]:
     out: dict[str, float] = {}
-    for site, ci in probe_ci(exp, ci_params).items():
+    for site, ci in probe_ci(exp, ci_params, components).items():
         out[f"eval/identity_ci_error/{site}"] = float(identity_ci_error(ci, threshold))
         stats = dense_ci_stats(ci, threshold)
         for k, v in stats.items():
