@@ -113,11 +113,14 @@ def ppgd_warmup(
     def loss_of_raw(raw: SourceDict) -> Array:
         return warmup_loss(effective_sources(raw, term.parameterisation))
 
-    loss = jnp.zeros((), jnp.float32)
-    for _ in range(term.n_warmup):
+    def ascent(_i: Array, carry: tuple[dict, Array]) -> tuple[dict, Array]:
+        adv, _ = carry
         loss, grads = jax.value_and_grad(loss_of_raw)(adv["sources"])
-        adv = ppgd_ascend(term, adv, grads, lr, active)
-    return adv, loss
+        return ppgd_ascend(term, adv, grads, lr, active), loss
+
+    # A loop, not an unrolled Python for: one traced forward/backward whatever n_warmup is,
+    # which keeps compile time flat for large models.
+    return jax.lax.fori_loop(0, term.n_warmup, ascent, (adv, jnp.zeros((), jnp.float32)))
 
 
 # ---- fresh PGD ---------------------------------------------------------------------------------
@@ -138,7 +141,8 @@ def pgd_attack(
     sources: SourceDict, loss_of_sources: Callable[[SourceDict], Array], n_steps: int, step_size: float
 ) -> SourceDict:
     """`n_steps` sign ascents of `step_size`, projected to [0, 1]."""
-    for _ in range(n_steps):
+    def ascent(_i: Array, sources: SourceDict) -> SourceDict:
         grads = jax.grad(loss_of_sources)(sources)
-        sources = {k: jnp.clip(v + step_size * jnp.sign(grads[k]), 0.0, 1.0) for k, v in sources.items()}
-    return sources
+        return {k: jnp.clip(v + step_size * jnp.sign(grads[k]), 0.0, 1.0) for k, v in sources.items()}
+
+    return jax.lax.fori_loop(0, n_steps, ascent, dict(sources))
