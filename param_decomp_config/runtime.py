@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from param_decomp_config.base import StrictModel
 
@@ -34,6 +34,23 @@ class EvalConfig(StrictModel):
     rounding_threshold: float = Field(0.0, ge=0, lt=1, description="Rounded-CI mask: CI > threshold -> 1.")
     pgd_steps: int = Field(5, ge=0, description="Fresh-PGD probe ascents in eval (0 disables).")
     pgd_step_size: float = Field(0.1, gt=0, description="Fresh-PGD probe step size.")
+    ci_l0_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Extra CI-L0 metrics over groups of sites: group name -> site-name patterns "
+        "(`*` wildcards, e.g. `{mlp: ['layers.*.mlp.*'], attn: ['layers.*.self_attn.*']}`). Logged "
+        "as `eval/ci_l0_group/<group>` = mean over positions of the active components summed over "
+        "the group's sites. A pattern matching no site is an error when the run is built.",
+    )
+
+    @field_validator("ci_l0_groups")
+    @classmethod
+    def _groups_well_formed(cls, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, patterns in groups.items():
+            if not name or "/" in name:
+                raise ValueError(f"CI-L0 group name {name!r} must be non-empty and contain no '/'")
+            if not patterns:
+                raise ValueError(f"CI-L0 group {name!r} has no site patterns")
+        return groups
 
 
 class LoggingConfig(StrictModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,12 @@ class ProgressBar:
 
 
 class WandbSink:
-    """wandb run (offline by default). Imported lazily: most runs never touch it."""
+    """wandb run (offline by default). Imported lazily: most runs never touch it.
+
+    The run id is the run directory's id, so the training run and later slow evals of it share
+    one wandb run. Files go under `<run_dir>/wandb/` unless WANDB_DIR is set (wandb's own
+    convention, which an explicit `dir=` would silently override).
+    """
 
     def __init__(self, cfg: Any, run_dir: Path, run_id: str, config_dict: dict[str, Any]):
         import wandb
@@ -75,7 +81,7 @@ class WandbSink:
             tags=list(cfg.tags),
             name=config_dict.get("run_name"),
             id=run_id,
-            dir=str(run_dir),
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
             mode=cfg.mode,
             config=config_dict,
             resume="allow",

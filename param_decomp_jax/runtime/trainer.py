@@ -217,9 +217,12 @@ class Trainer:
         return host
 
     def _eval(self, sinks, eval_step, eval_batches, state, frozen, residual_fn, step: int) -> dict[str, float]:
-        residual = residual_fn(frozen, eval_batches.batch(0))
+        batch = eval_batches.batch(0)
+        residual = residual_fn(frozen, batch)
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 17), step)
-        metrics = _to_host(eval_step(state["components"], state["ci_params"], frozen, residual, key))
+        # LM batches are token ids: the eval adds next-token CE of every masked output.
+        tokens = batch if len(self.exp.model.leading_axes) == 2 else None
+        metrics = _to_host(eval_step(state["components"], state["ci_params"], frozen, residual, key, tokens))
         sinks.log(step, metrics)
         return metrics
 

@@ -249,6 +249,28 @@ def _causal_attention(arch: LlamaArch, q_BxTxHxK: Array, k_BxTxGxK: Array, v_BxT
     return out_BxTxGxRxK.reshape(B, T, H * K)
 
 
+def attention_probs(arch: LlamaArch, q_BxTxHK: Array, k_BxTxGK: Array) -> Float[Array, "B H T S"]:
+    """Causal attention probabilities (fp32) from q_proj / k_proj SITE OUTPUTS (before RoPE).
+
+    Eval diagnostics (attention-pattern KL) compare clean and masked patterns without a hook in
+    the forward: per-site outputs are already returned by the core. Same math as
+    `_causal_attention`; query head h uses KV head h // (H/G).
+    """
+    B, T, _ = q_BxTxHK.shape
+    H, G, K = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
+    rope = _rope_tables(arch, T)
+    q_BxTxGxRxK = _apply_rope(q_BxTxHK.reshape(B, T, H, K), *rope).reshape(B, T, G, H // G, K)
+    k_BxTxGxK = _apply_rope(k_BxTxGK.reshape(B, T, G, K), *rope)
+    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxTxGxK) / math.sqrt(K)
+    scores_BxGxRxTxS = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), scores_BxGxRxTxS, -jnp.inf)
+    return jax.nn.softmax(scores_BxGxRxTxS, axis=-1).reshape(B, H, T, T)
+
+
+def load_llama_arch(checkpoint_dir: Path | str) -> LlamaArch:
+    """The architecture of an HF Llama checkpoint folder (reads only `config.json`)."""
+    return LlamaArch.from_config(HFCheckpoint(checkpoint_dir).config)
+
+
 def _decoder_layer(
     arch: LlamaArch, i: int, p: Frozen, x_BxTxD: Array, rope: tuple[Array, Array], linear: SiteFn
 ) -> Array:
