@@ -146,6 +146,11 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
     site_names = model.site_names
     channels = channel_counts(model, spec.use_delta)
     plans = {term_name(t): resolve_plan(t.plan, site_names) for t in spec.recon_terms}
+    for t in spec.ppgd_terms():
+        if t.coeff <= 0:
+            # SPEC P3: the final ascent is the main backward with the coefficient divided out; at 0
+            # there is no gradient to recover, and Adam would step on its stale momentum alone.
+            raise ValueError(f"persistent_pgd_recon term {term_name(t)!r} needs coeff > 0 (got {t.coeff})")
 
     def step_fn(state: TrainState, frozen: PyTree, residual: Array) -> tuple[TrainState, dict[str, Array]]:
         step = state["step"]
@@ -297,7 +302,7 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
         # -- updates: sources (fused final ascent, coefficient divided out), components, CI fn --
         for term in spec.ppgd_terms():
             name = term_name(term)
-            scale = 1.0 / term.coeff if term.coeff > 0 else 0.0
+            scale = 1.0 / term.coeff  # > 0, checked above
             grads = jax.tree.map(lambda g, scale=scale: g * scale, g_raw[name])
             adversaries[name] = adv_lib.ppgd_ascend(
                 term, adversaries[name], grads, ppgd_lrs[name], _active(term, step, spec.total_steps)
