@@ -111,6 +111,9 @@ class ExperimentConfig(StrictModel):
                     bad = [s for s in subset if s not in names]
                     if bad:
                         raise ValueError(f"losses.{i}.plan.subsets.{j}: unknown site(s) {bad}")
+            if isinstance(term, PersistentPGDReconLoss) and term.coeff == 0:
+                # The final ascent's gradient is taken from the main backward and divided by coeff.
+                raise ValueError(f"losses.{i}.coeff: a persistent_pgd_recon term needs coeff > 0")
             if isinstance(term, PersistentPGDReconLoss):
                 if term.scope.type == "nsc" and term.scope.n is not None and self.batch_size % term.scope.n:
                     raise ValueError(
