@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from eval_runs import TOY_RUN_ID, FakeTTY, toy_run
@@ -21,6 +22,8 @@ def read_wandb_records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
+    if len(data) < 7:  # not written yet
+        return []
     assert data[:4] == b":W&B", data[:8]
     block, pos, chunks, partial = 32768, 7, [], b""
     while pos + 7 <= len(data):
@@ -49,6 +52,20 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def finished_records(path: Path, timeout_s: float = 60.0) -> list:
+    """Records of a finished run, waiting (bounded) for its final `exit` record: wandb-core is a
+    separate process and may still be flushing the log when `finish()` has returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_records(path) if path.exists() else []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            kinds = [r.WhichOneof("record_type") for r in records]
+            raise AssertionError(f"{path}: no exit record after {timeout_s}s; records {kinds}")
+        time.sleep(0.2)
+
+
 def _offline_runs(wandb_dir: Path) -> list[Path]:
     return sorted((wandb_dir / "wandb").glob(f"offline-run-*-{TOY_RUN_ID}"))
 
@@ -66,7 +83,7 @@ def test_offline_run_holds_the_same_metrics(tmp_path_factory) -> None:
     run = toy_run(tmp_path_factory)
     folders = _offline_runs(run.wandb_dir)
     assert len(folders) == 2, folders  # the training run, then the slow eval of it
-    records = read_wandb_records(folders[0] / f"run-{TOY_RUN_ID}.wandb")
+    records = finished_records(folders[0] / f"run-{TOY_RUN_ID}.wandb")
     run_records = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run_records[0].display_name == "tms_5-2_smoke" and run_records[0].project == "param-decomp-jax"
     assert list(run_records[0].tags) == ["eval-test"]
@@ -84,10 +101,10 @@ def test_offline_run_holds_the_same_metrics(tmp_path_factory) -> None:
 def test_slow_eval_logs_figures_as_images(tmp_path_factory) -> None:
     run = toy_run(tmp_path_factory)
     eval_folder = _offline_runs(run.wandb_dir)[-1]
-    history = _history(read_wandb_records(eval_folder / f"run-{TOY_RUN_ID}.wandb"))
-    assert list(history) == [10]
+    history = _history(finished_records(eval_folder / f"run-{TOY_RUN_ID}.wandb"))
+    assert list(history) == [10], (eval_folder, sorted(history))
     logged = history[10]
-    assert "eval/recon/ci_masked" in logged and "slow_eval/alive/linear1" in logged
+    assert "eval/recon/ci_masked" in logged and "slow_eval/alive/linear1" in logged, sorted(logged)
     # An image is stored as nested items: <key>/_type == "image-file", <key>/path, ...
     images = {
         k.removesuffix("/_type") for k, v in logged.items() if k.endswith("/_type") and v == "image-file"
@@ -103,14 +120,14 @@ def test_slow_eval_logs_figures_as_images(tmp_path_factory) -> None:
             "uv_matrices",
         )
     }
-    assert len(list((eval_folder / "files" / "media" / "images").rglob("*.png"))) == len(images)
+    pngs = list((eval_folder / "files" / "media" / "images").rglob("*.png"))
+    assert len(pngs) == len(images), pngs
 
 
-def test_no_progress_keeps_a_terminal_clean(monkeypatch) -> None:
+def test_no_progress_keeps_a_terminal_clean(tmp_path_factory, monkeypatch) -> None:
     """`jsp-train --no-progress` wrote nothing to a terminal-like stderr, where a bar would draw."""
-    run = toy_run.__globals__["_MEMO"].get("toy")  # reuse when the session already trained it
-    if run is not None:
-        assert "train:" not in run.train_stderr and "it/s" not in run.train_stderr
+    run = toy_run(tmp_path_factory)
+    assert "train:" not in run.train_stderr and "it/s" not in run.train_stderr
     fake = FakeTTY()
     monkeypatch.setattr("sys.stderr", fake)
     bar = ProgressBar(3, 0, enabled=True)
