@@ -30,9 +30,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+def config_from_args(args: argparse.Namespace, mint: bool = True) -> ExperimentConfig:
+    """The validated config; `mint=False` leaves a missing run_id for a multi-process agreement."""
     cfg = load_config(args.config, args.overrides, args.smoke, args.out_dir, args.run_id)
-    if cfg.run_id is None:
+    if mint and cfg.run_id is None:
         cfg = cfg.model_copy(update={"run_id": mint_run_id()})
     return cfg
 

@@ -18,6 +18,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    dist = parser.add_argument_group(
+        "multi-host (jax.distributed)",
+        "One process per host or per accelerator. Without these flags the settings come from "
+        "JSP_COORDINATOR / JSP_NUM_PROCESSES / JSP_PROCESS_ID, else from SLURM's variables "
+        "(coordinator = first node of the job), else a single process.",
+    )
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="Address of process 0's coordinator.")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="Processes in the job.")
+    dist.add_argument("--process-id", type=int, metavar="I", help="This process's index (0 = primary).")
     return parser
 
 
@@ -46,7 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        cfg = config_from_args(args)
+        # The config is pure pydantic: a bad one fails here, before joining (and hanging) a job.
+        cfg = config_from_args(args, mint=False)
+        from param_decomp_config import ConfigError, mint_run_id
+        from param_decomp_jax.runtime import distributed
+
+        try:
+            settings = distributed.resolve_settings(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:  # inconsistent flags/env: a usage error, not a crash
+            raise ConfigError(f"multi-host settings: {e}") from None
+        distributed.maybe_initialize(settings)  # before any jax computation fixes the device list
+        cfg = cfg.model_copy(update={"run_id": distributed.agree_run_id(cfg.run_id, mint_run_id)})
         from param_decomp_jax.runtime.compile_cache import enable_compile_cache
         from param_decomp_jax.runtime.trainer import Trainer
 
@@ -57,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted at step {result.final_step}; checkpoint saved in {result.run_dir.ckpts}",
                   file=sys.stderr)
             return result.exit_code
-        print(format_summary(result.summary, str(result.run_dir.root)))
+        if trainer.primary:  # one summary per job, not one per process
+            print(format_summary(result.summary, str(result.run_dir.root)))
         return 0
 
     return run_cli(body)

@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -206,3 +206,29 @@ def global_batch_from_local(local_np: np.ndarray, mesh: Mesh, global_shape: Sequ
         )
     sharding = batch_sharding(mesh, len(global_shape))
     return jax.make_array_from_process_local_data(sharding, local_np, global_shape)
+
+
+def agree_run_id(run_id: str | None, mint: Callable[[], str]) -> str:
+    """One run id for every process: process 0's (given or minted) is broadcast to the others.
+
+    Each process would otherwise mint its own id and write to a different run directory.
+    """
+    if jax.process_count() == 1:
+        return run_id or mint()
+    from jax.experimental import multihost_utils
+
+    mine = (run_id or mint()) if jax.process_index() == 0 else "p-00000000"  # same length
+    raw = np.frombuffer(mine.encode("ascii"), dtype=np.uint8)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(raw)).astype(np.uint8).tobytes().decode("ascii")
+    if run_id is not None and agreed != run_id:
+        raise ValueError(f"process {jax.process_index()} was given run id {run_id!r}, process 0 {agreed!r}")
+    return agreed
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (a collective: all processes must call)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())

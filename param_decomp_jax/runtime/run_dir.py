@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,12 @@ def _comparable(cfg_text: str) -> str:
     return yaml.safe_dump(raw, sort_keys=True)
 
 
-def pin_config(run: RunDir, cfg: ExperimentConfig) -> None:
-    """Write config.yaml, or refuse (with a readable diff) if a different one is pinned already."""
+def pin_config(run: RunDir, cfg: ExperimentConfig, write: bool = True) -> None:
+    """Write config.yaml, or refuse (with a readable diff) if a different one is pinned already.
+
+    `write=False` only checks (non-primary processes: every process refuses a mismatch, rather
+    than process 0 alone leaving the others waiting in a collective).
+    """
     text = dump_config(cfg)
     if run.config.exists():
         old = run.config.read_text()
@@ -69,5 +74,10 @@ def pin_config(run: RunDir, cfg: ExperimentConfig) -> None:
                 f"refusing to resume. Use a new --run-id, or restore the pinned config.\n{diff}"
             )
         return
+    if not write:
+        return
     run.root.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(text)
+    # Atomic, so another process checking at the same moment never reads half a file.
+    tmp = run.config.with_suffix(f".yaml.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(run.config)

@@ -119,3 +119,17 @@ class Sinks:
             self.jsonl.close()
         if self.wandb:
             self.wandb.close()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove records with `step` > `step` (a killed run logged past its last checkpoint, and the
+    resumed run logs those steps again); returns how many were dropped. Atomic rewrite."""
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+    return len(lines) - len(keep)

@@ -22,9 +22,10 @@ from param_decomp_jax.runtime import mesh as mesh_lib
 from param_decomp_jax.runtime.build import Experiment, build_experiment
 from param_decomp_jax.runtime.checkpoint import CheckpointStore
 from param_decomp_jax.runtime.data import make_batches
+from param_decomp_jax.runtime.distributed import any_process
 from param_decomp_jax.runtime.provenance import provenance_record
 from param_decomp_jax.runtime.run_dir import RunDir, pin_config, run_dir_for
-from param_decomp_jax.runtime.sinks import JsonlSink, ProgressBar, Sinks, WandbSink
+from param_decomp_jax.runtime.sinks import JsonlSink, ProgressBar, Sinks, WandbSink, drop_records_after
 
 # Exit code after a SIGTERM-triggered checkpoint: the SLURM script requeues on it.
 REQUEUE_EXIT_CODE = 75
@@ -35,6 +36,7 @@ class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it between steps, saves, and leaves."""
 
     signum: int | None = None
+    stopped: bool = False
     previous: dict[int, Any] = field(default_factory=dict)
 
     def install(self) -> None:
@@ -46,6 +48,20 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+
+    def should_stop(self, can_agree: bool) -> bool:
+        """Leave the loop now? Sets `stopped`, the decision every process acts on after the loop.
+
+        Processes must leave at the same step (they share collectives), so with several processes
+        a signal counts only at steps where all of them call `any_process` (`can_agree`); checking
+        every step would make each step wait for the previous one (a host sync).
+        """
+        if jax.process_count() == 1:
+            self.stopped = self.signum is not None
+        elif can_agree and any_process(self.signum is not None):
+            self.signum = self.signum or signal.SIGTERM  # signalled elsewhere: requeue like it
+            self.stopped = True
+        return self.stopped
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -115,12 +131,13 @@ class Trainer:
     # ---- loop ------------------------------------------------------------------------------
     def run_training(self) -> RunResult:
         cfg, exp = self.cfg, self.exp
-        if self.primary:
-            pin_config(self.run, cfg)
+        pin_config(self.run, cfg, write=self.primary)
         self.warmup_faithfulness: float | None = None
         store = CheckpointStore(self.run.root, keep_last=cfg.checkpoint.keep_last)
         state, shardings, resumed = self._initial_state(store)
         start = int(jax.device_get(state["step"]))
+        if resumed and self.primary:  # the metrics of steps redone after a kill are logged again
+            drop_records_after(self.run.metrics, start)
         if not resumed:
             store.save(0, state, force=True)
 
@@ -179,12 +196,12 @@ class Trainer:
                     self._eval(sinks, eval_step, eval_batches, state, frozen, residual_fn, done)
                 if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0:
                     store.save(done, state)
-                if stop.signum is not None:
+                if stop.should_stop(done % cfg.logging.log_every == 0 or done == cfg.steps):
                     break
             step = int(jax.device_get(state["step"]))
             if pending is not None:
                 last = self._flush(sinks, *pending)
-            if stop.signum is not None and step < cfg.steps:
+            if stop.stopped and step < cfg.steps:
                 store.save(step, state, force=True)
                 store.wait()
                 exit_code = REQUEUE_EXIT_CODE if stop.signum == signal.SIGTERM else 130
