@@ -131,10 +131,13 @@ class Trainer:
     # ---- loop ------------------------------------------------------------------------------
     def run_training(self) -> RunResult:
         cfg, exp = self.cfg, self.exp
-        pin_config(self.run, cfg, write=self.primary)
+        pin_config(self.run, cfg, write=False)  # refuse a changed config before touching state
         self.warmup_faithfulness: float | None = None
         store = CheckpointStore(self.run.root, keep_last=cfg.checkpoint.keep_last)
         state, shardings, resumed = self._initial_state(store)
+        # Pinned only once the state exists: a refused fine-tune (provenance mismatch) leaves no
+        # config.yaml behind, so the corrected config can reuse the run id.
+        pin_config(self.run, cfg, write=self.primary)
         start = int(jax.device_get(state["step"]))
         if resumed and self.primary:  # the metrics of steps redone after a kill are logged again
             drop_records_after(self.run.metrics, start)
@@ -249,7 +252,10 @@ class Trainer:
             return {}
         from param_decomp_jax.eval.toy_eval import toy_probe_metrics
 
-        metrics = toy_probe_metrics(self.exp, jax.device_get(state["ci_params"]), self.cfg.eval.ci_alive_threshold)
+        metrics = toy_probe_metrics(
+            self.exp, jax.device_get(state["ci_params"]), self.cfg.eval.ci_alive_threshold,
+            jax.device_get(state["components"]),
+        )
         sinks.log(step, metrics)
         return metrics
 
