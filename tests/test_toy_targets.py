@@ -184,16 +184,22 @@ def test_resid_mlp_waist_views() -> None:
     model, frozen, residual_fn = registry.build_target(RESID_SMALL, site_Cs)
     assert model.site_names == ("layers.0.mlp_in", "layers.0.mlp_out", "layers.1.mlp_in", "layers.1.mlp_out")
     x = sample_sparse_features(jax.random.key(5), 32, 12, 0.2, "at_least_zero_active", (-1.0, 1.0))
-    assert residual_fn(frozen, x) is x
-    shapes = {k: v.shape for k, v in model.site_inputs(frozen, x).items()}
+    # The fixed embedding is the frozen prefix: the decomposed model starts from the residual.
+    r = residual_fn(frozen, x)
+    assert r.shape == (32, 32)
+    shapes = {k: v.shape for k, v in model.site_inputs(frozen, r).items()}
     assert shapes == {
         "layers.0.mlp_in": (32, 32),
         "layers.0.mlp_out": (32, 6),
         "layers.1.mlp_in": (32, 32),
         "layers.1.mlp_out": (32, 6),
     }
-    assert model.clean_output(frozen, x).shape == (32, 12)
-    _check_masked_equals_clean(model, frozen, x)
+    assert model.clean_output(frozen, r).shape == (32, 12)
+    np.testing.assert_allclose(
+        np.asarray(model.clean_output(frozen, r)), np.asarray(resid_mlp_output(RESID_SMALL, frozen, x)),
+        rtol=0, atol=MULTI_OP_ATOL,
+    )
+    _check_masked_equals_clean(model, frozen, r)
 
 
 # ---- registry cache -----------------------------------------------------------------------------

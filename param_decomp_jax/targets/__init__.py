@@ -21,7 +21,7 @@ import numpy as np
 
 from param_decomp_config.targets import ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 from param_decomp_jax.core.model import DecomposedModel
-from param_decomp_jax.targets.resid_mlp import make_resid_mlp_model, pretrain_resid_mlp
+from param_decomp_jax.targets.resid_mlp import embed_residual_fn, make_resid_mlp_model, pretrain_resid_mlp
 from param_decomp_jax.targets.tms import (
     ResidualFn,
     identity_residual_fn,
@@ -102,7 +102,9 @@ def build_target(
                 f"{int(summary['target/features_represented'])}/{target_cfg.n_features} features",
                 stacklevel=2,
             )
-        return model, frozen, identity_residual_fn
+        # TMS has no frozen prefix; ResidMLP's fixed embedding runs once per batch as its prefix.
+        residual_fn = identity_residual_fn if isinstance(target_cfg, TMSTargetConfig) else embed_residual_fn
+        return model, frozen, residual_fn
     if target_cfg.type == "llama":
         # ---- llama: registered by the Llama target (lazy import keeps toys free of its deps) ----
         from param_decomp_jax.targets.llama import build_llama

@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 from param_decomp_config.targets import ResidMLPTargetConfig
 from param_decomp_jax.core.losses import mse_recon_loss
 from param_decomp_jax.core.model import DecomposedModel, SiteFn, SiteSpec, frozen_matmul
-from param_decomp_jax.targets.tms import ResidualFn, identity_residual_fn
+from param_decomp_jax.targets.tms import ResidualFn
 from param_decomp_jax.targets.toy_data import TARGET_VALUE_RANGES, sample_sparse_features
 from param_decomp_jax.targets.toy_pretrain import pretrain
 
@@ -45,11 +45,25 @@ def _unembed(r_BxD: Array, w_e_FxD: Array) -> Array:
 
 
 def make_resid_mlp_forward(cfg: ResidMLPTargetConfig) -> Callable[[Frozen, Array, SiteFn], Array]:
-    """The one forward the core derives every view from; each MLP matrix goes through `site_fn`."""
-    act = activation(cfg.act)
+    """The whole target from features: embedding, then the decomposed suffix."""
+    suffix = make_resid_mlp_suffix(cfg)
 
     def forward(frozen: Frozen, x_BxF: Float[Array, "B F"], site_fn: SiteFn) -> Float[Array, "B F"]:
-        r_BxD = frozen_matmul(x_BxF, frozen["W_E"])
+        return suffix(frozen, embed_residual_fn(frozen, x_BxF), site_fn)
+
+    return forward
+
+
+def embed_residual_fn(frozen: Frozen, x_BxF: Float[Array, "B F"]) -> Float[Array, "B D"]:
+    """The frozen prefix: the fixed embedding runs once per batch, outside every gradient graph."""
+    return frozen_matmul(x_BxF, frozen["W_E"])
+
+
+def make_resid_mlp_suffix(cfg: ResidMLPTargetConfig) -> Callable[[Frozen, Array, SiteFn], Array]:
+    """The decomposed part: MLP layers on the embedded residual, then the fixed unembedding."""
+    act = activation(cfg.act)
+
+    def suffix(frozen: Frozen, r_BxD: Float[Array, "B D"], site_fn: SiteFn) -> Float[Array, "B F"]:
         for i in range(cfg.n_layers):
             pre_BxM = site_fn(f"layers.{i}.mlp_in", r_BxD)
             if cfg.in_bias:
@@ -57,7 +71,7 @@ def make_resid_mlp_forward(cfg: ResidMLPTargetConfig) -> Callable[[Frozen, Array
             r_BxD = r_BxD + site_fn(f"layers.{i}.mlp_out", act(pre_BxM))
         return _unembed(r_BxD, frozen["W_E"])
 
-    return forward
+    return suffix
 
 
 def make_resid_mlp_site_weights(cfg: ResidMLPTargetConfig) -> Callable[[Frozen], dict[str, Array]]:
@@ -169,7 +183,7 @@ def make_resid_mlp_model(cfg: ResidMLPTargetConfig, site_Cs: Mapping[str, int]) 
     return DecomposedModel(
         sites=sites,
         leading_axes=LEADING_AXES,
-        forward=make_resid_mlp_forward(cfg),
+        forward=make_resid_mlp_suffix(cfg),
         site_weights=make_resid_mlp_site_weights(cfg),
         recon_loss=mse_recon_loss,
     )
@@ -182,4 +196,4 @@ def build_resid_mlp(
     model = make_resid_mlp_model(cfg, site_Cs)
     if frozen is None:
         frozen = pretrain_resid_mlp(cfg)
-    return model, frozen, identity_residual_fn
+    return model, frozen, embed_residual_fn
