@@ -25,6 +25,7 @@ from ppgd_harness import (
 )
 from runtime_state import assert_bitwise_equal
 
+from param_decomp_config import ConfigError
 from param_decomp_jax.runtime.checkpoint import CheckpointStore
 from param_decomp_jax.runtime.mesh import make_mesh, state_shardings, with_shardings
 
@@ -160,8 +161,9 @@ def test_source_step_is_independent_of_the_coefficient():
 
 def test_ppgd_term_needs_a_positive_coefficient():
     """P3: with coeff 0 there is no gradient to divide out of the main backward (Adam would coast on
-    stale momentum), so building the step refuses such a term."""
-    with pytest.raises(ValueError, match="coeff > 0"):
+    stale momentum), so such a term is refused: by the config schema (naming the key) and, for a
+    hand-built spec, by the step builder."""
+    with pytest.raises((ValueError, ConfigError), match="coeff > 0"):
         build([{**PER_SITE, "coeff": 0.0}])
 
 
