@@ -198,6 +198,11 @@ class Trainer:
                 if cfg.eval.eval_every and done % cfg.eval.eval_every == 0 and done < cfg.steps:
                     self._eval(sinks, eval_step, eval_batches, state, frozen, residual_fn, done)
                 if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0:
+                    if pending is not None:
+                        # Write the checkpointed step's metrics first: a resume starts after it and
+                        # would never log them again (one sync per checkpoint, not per step).
+                        last = self._flush(sinks, *pending)
+                        pending = None
                     store.save(done, state)
                 if stop.should_stop(done % cfg.logging.log_every == 0 or done == cfg.steps):
                     break
