@@ -29,6 +29,8 @@ STORIES260K = SHARED_DATA / "stories260K"
 # A compile cache shared by the whole suite keeps repeated small compiles cheap across processes.
 os.environ.setdefault("JSP_TEST_COMPILE_CACHE", str(REPO_ROOT / ".jax_cache" / "tests"))
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Pretrained toy targets are shared by every test run (and subprocess) instead of per tmp out_dir.
+os.environ.setdefault("JSP_TARGET_CACHE", str(REPO_ROOT / ".jax_cache" / "targets"))
 
 import jax  # noqa: E402
 

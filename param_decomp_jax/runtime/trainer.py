@@ -7,6 +7,7 @@ step late so logging never makes the device wait.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -89,7 +90,8 @@ class Trainer:
         self.progress = progress and cfg.logging.progress
         self.mesh = mesh_lib.make_mesh()
         mesh_lib.assert_global_batch_divisible(cfg.batch_size, self.mesh)
-        cache = target_cache or Path(cfg.out_dir) / ".target_cache"
+        # Pretrained toy targets are cached per out_dir; JSP_TARGET_CACHE shares one cache (tests, CI).
+        cache = target_cache or Path(os.environ.get("JSP_TARGET_CACHE", Path(cfg.out_dir) / ".target_cache"))
         t0 = time.perf_counter()
         self.exp: Experiment = build_experiment(cfg, target_cache=cache)
         self.build_s = time.perf_counter() - t0
