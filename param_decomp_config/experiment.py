@@ -114,11 +114,15 @@ class ExperimentConfig(StrictModel):
             if isinstance(term, PersistentPGDReconLoss) and term.coeff == 0:
                 # The final ascent's gradient is taken from the main backward and divided by coeff.
                 raise ValueError(f"losses.{i}.coeff: a persistent_pgd_recon term needs coeff > 0")
-            if isinstance(term, PersistentPGDReconLoss):
-                if term.scope.type == "nsc" and term.scope.n is not None and self.batch_size % term.scope.n:
-                    raise ValueError(
-                        f"losses.{i}.scope.n: {term.scope.n} groups do not divide batch_size {self.batch_size}"
-                    )
+            if (
+                isinstance(term, PersistentPGDReconLoss)
+                and term.scope.type == "nsc"
+                and term.scope.n is not None
+                and self.batch_size % term.scope.n
+            ):
+                raise ValueError(
+                    f"losses.{i}.scope.n: {term.scope.n} groups do not divide batch_size {self.batch_size}"
+                )
         if sum(isinstance(t, FaithfulnessLoss) for t in self.losses) > 1:
             raise ValueError("losses: at most one faithfulness term")
         if sum(isinstance(t, ImportanceMinimalityLoss) for t in self.losses) > 1:

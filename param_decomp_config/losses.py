@@ -197,5 +197,6 @@ RECON_TYPES = (
 )
 
 
-def term_name(term: FaithfulnessLoss | ImportanceMinimalityLoss | _ReconTerm) -> str:
-    return term.name or term.type
+def term_name(term: _Term) -> str:
+    """The metric name `loss/<name>` of a term: its `name`, else its `type`."""
+    return term.name or str(term.type)  # type: ignore[attr-defined]  # every concrete term has `type`

@@ -28,7 +28,9 @@ def test_smoke_siblings_are_in_sync(path: Path):
     if "stories260k" in path.name and not (REPO_ROOT.parent / "shared" / "data" / "stories260K").exists():
         pytest.skip("needs ../shared/data")
     sibling = path.with_name(f"{path.stem}_smoke.yaml")
-    assert sibling.exists(), f"missing {sibling.name}; run python -m param_decomp_config.smoke_siblings configs"
+    assert sibling.exists(), (
+        f"missing {sibling.name}; run python -m param_decomp_config.smoke_siblings configs"
+    )
     assert sibling.read_text() == smoke_text(path), f"{sibling.name} is stale; regenerate it"
 
 
@@ -83,7 +85,9 @@ def test_cli_exits_2_without_traceback(tmp_path: Path):
     bad.write_text(yaml.safe_dump(raw))
     proc = subprocess.run(
         [sys.executable, "-m", "param_decomp_jax.cli.train", str(bad), "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
     )
     assert proc.returncode == 2
     assert "sites.0.name" in proc.stderr and "Traceback" not in proc.stderr

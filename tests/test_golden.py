@@ -23,15 +23,25 @@ from param_decomp_jax.runtime.build import build_experiment
 from param_decomp_jax.runtime.data import make_batches
 
 GOLDEN = Path(__file__).parent / "golden" / "one_step.json"
-PINNED = ("loss/total", "loss/faithfulness", "loss/importance_minimality", "grad_norm/components", "grad_norm/ci_fn")
+PINNED = (
+    "loss/total",
+    "loss/faithfulness",
+    "loss/importance_minimality",
+    "grad_norm/components",
+    "grad_norm/ci_fn",
+)
 
 CASES = {
     "tms_5-2": ("configs/tms_5-2_smoke.yaml", []),
     "resid_mlp_1l": ("configs/resid_mlp_1l_smoke.yaml", []),
     "stories260k": (
         "configs/stories260k_mlp_smoke.yaml",
-        ["sites=[{name: layers.4.mlp.down_proj, C: 16}]", "ci_fn={type: layerwise_mlp, hidden_dims: [8]}",
-         "losses.2.plan={type: all_sites}", "losses.3.plan={type: all_sites}"],
+        [
+            "sites=[{name: layers.4.mlp.down_proj, C: 16}]",
+            "ci_fn={type: layerwise_mlp, hidden_dims: [8]}",
+            "losses.2.plan={type: all_sites}",
+            "losses.3.plan={type: all_sites}",
+        ],
     ),
 }
 
@@ -43,9 +53,13 @@ def _one_step(name: str, tmp_path: Path) -> dict[str, float]:
     state = exp.fresh_state()
     batch = make_batches(cfg, None).batch(0)
     residual = exp.residual_fn(exp.frozen, batch)
-    _, metrics = jax.jit(make_train_step(exp.model, exp.ci_fn, exp.spec, exp.optimizers))(state, exp.frozen, residual)
+    _, metrics = jax.jit(make_train_step(exp.model, exp.ci_fn, exp.spec, exp.optimizers))(
+        state, exp.frozen, residual
+    )
     metrics = {k: float(v) for k, v in metrics.items()}
-    return {k: metrics[k] for k in PINNED if k in metrics} | {k: v for k, v in metrics.items() if k.startswith("loss/")}
+    return {k: metrics[k] for k in PINNED if k in metrics} | {
+        k: v for k, v in metrics.items() if k.startswith("loss/")
+    }
 
 
 @pytest.mark.parametrize("name", list(CASES))

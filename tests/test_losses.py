@@ -50,7 +50,9 @@ def test_imp_min_is_per_site_not_pooled():
     b = RNG.uniform(size=(6, 4)).astype(np.float32)
     total, per_site = importance_minimality_loss({"a": jnp.asarray(a), "b": jnp.asarray(b)}, 1.0, 0.0, 0.3)
     np.testing.assert_allclose(per_site["a"], _reference_imp(a, 1.0, 0.0, 0.3), rtol=1e-5)
-    np.testing.assert_allclose(total, _reference_imp(a, 1.0, 0.0, 0.3) + _reference_imp(b, 1.0, 0.0, 0.3), rtol=1e-5)
+    np.testing.assert_allclose(
+        total, _reference_imp(a, 1.0, 0.0, 0.3) + _reference_imp(b, 1.0, 0.0, 0.3), rtol=1e-5
+    )
 
 
 def test_eps_sits_inside_the_power():

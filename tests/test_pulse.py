@@ -18,7 +18,9 @@ REQUIRED = ("loss/total", "loss/importance_minimality", "time/step_s")
 
 
 def _train(config: str, tmp_path: Path, run_id: str, *extra: str) -> Path:
-    code = train_main([str(REPO_ROOT / config), "--out-dir", str(tmp_path), "--run-id", run_id, "--no-progress", *extra])
+    code = train_main(
+        [str(REPO_ROOT / config), "--out-dir", str(tmp_path), "--run-id", run_id, "--no-progress", *extra]
+    )
     assert code == 0
     return tmp_path / run_id
 
@@ -41,7 +43,9 @@ def _check_run_dir(run: Path, sites: list[str], steps: int) -> dict:
 
 @pytest.mark.filterwarnings("ignore:TMS target")
 def test_tms_smoke_pulse(tmp_path: Path):
-    summary = _check_run_dir(_train("configs/tms_5-2_smoke.yaml", tmp_path, "p-0000b001"), ["linear1", "linear2"], 20)
+    summary = _check_run_dir(
+        _train("configs/tms_5-2_smoke.yaml", tmp_path, "p-0000b001"), ["linear1", "linear2"], 20
+    )
     assert "eval/identity_ci_error/linear1" in summary
 
 
@@ -67,7 +71,9 @@ def test_tms_5_2_recovers_the_features(tmp_path: Path):
     site and one component per feature in linear1. linear2 is allowed one stray probe entry: the
     pretrained target itself outputs ~0.15 on a neighbouring feature for a value-1 probe (the MSE
     optimum of the pentagon), and a faithful decomposition reproduces that with a small CI."""
-    summary = _check_run_dir(_train("configs/tms_5-2.yaml", tmp_path, "p-0000b004"), ["linear1", "linear2"], 10000)
+    summary = _check_run_dir(
+        _train("configs/tms_5-2.yaml", tmp_path, "p-0000b004"), ["linear1", "linear2"], 10000
+    )
     assert summary["eval/probe_alive/linear1"] == 5 and summary["eval/probe_alive/linear2"] == 5
     assert summary["eval/identity_ci_error/linear1"] == 0.0
     assert summary["eval/identity_ci_error/linear2"] <= 0.2

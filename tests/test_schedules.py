@@ -24,7 +24,9 @@ def test_cosine_to_final_fraction():
     assert lrs[0] == pytest.approx(1.0)
     assert lrs[50] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 0.5)), rel=1e-6)
     assert np.all(np.diff(lrs) <= 1e-7)
-    assert float(make_schedule(ScheduleConfig(kind="cosine", final_frac=0.1), 1.0, 100)(100)) == pytest.approx(0.1)
+    assert float(
+        make_schedule(ScheduleConfig(kind="cosine", final_frac=0.1), 1.0, 100)(100)
+    ) == pytest.approx(0.1)
 
 
 def test_linear_decay_and_warmup():
@@ -44,7 +46,10 @@ def test_clip_happens_before_adamw():
     grads = {"w": jnp.array([300.0, 400.0, 0.0, 0.0])}
     state = tx.init(params)
     _, state = tx.update(grads, state, params)
-    adam_state = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-                  if isinstance(s, optax.ScaleByAdamState)][0]
+    adam_state = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ][0]
     clipped = np.array([0.006, 0.008, 0.0, 0.0])
     np.testing.assert_allclose(adam_state.mu["w"], (1 - 0.9) * clipped, rtol=1e-5)

@@ -44,4 +44,6 @@ def test_upper_forward_and_grad():
     np.testing.assert_allclose(y, expected, rtol=SINGLE_OP_RTOL, atol=SINGLE_OP_ATOL)
     grads = jax.vmap(jax.grad(upper_leaky_hard))(X)
     # Ordinary autodiff: 0 below 0, 1 inside, alpha above 1.
-    np.testing.assert_allclose(np.asarray(grads)[[0, 1, 3, 5, 6]], [0, 0, 1, LEAK_ALPHA, LEAK_ALPHA], rtol=SINGLE_OP_RTOL)
+    np.testing.assert_allclose(
+        np.asarray(grads)[[0, 1, 3, 5, 6]], [0, 0, 1, LEAK_ALPHA, LEAK_ALPHA], rtol=SINGLE_OP_RTOL
+    )

@@ -24,8 +24,15 @@ def _setup(losses=None, **kw):
     model, frozen = tiny_model()
     ci_fn, ci_params = linear_ci_fn()
     spec, opt = LossSpec.from_config(cfg), Optimizers.from_config(cfg)
-    state = init_train_state(jax.random.PRNGKey(0), model, init_components(model, jax.random.PRNGKey(1)),
-                             ci_params, opt, spec, (16,))
+    state = init_train_state(
+        jax.random.PRNGKey(0),
+        model,
+        init_components(model, jax.random.PRNGKey(1)),
+        ci_params,
+        opt,
+        spec,
+        (16,),
+    )
     return model, frozen, ci_fn, spec, opt, state
 
 
@@ -71,9 +78,13 @@ def test_total_is_the_weighted_sum_of_terms():
     ]
     model, frozen, ci_fn, spec, opt, state = _setup(losses)
     _, m = jax.jit(make_train_step(model, ci_fn, spec, opt))(state, frozen, X)
-    expected = (2.0 * m["loss/faithfulness"] + 0.1 * m["loss/importance_minimality"]
-                + 0.5 * m["loss/stochastic_recon"] + 3.0 * m["loss/ci_masked_recon"]
-                + 0.25 * m["loss/unmasked_recon"])
+    expected = (
+        2.0 * m["loss/faithfulness"]
+        + 0.1 * m["loss/importance_minimality"]
+        + 0.5 * m["loss/stochastic_recon"]
+        + 3.0 * m["loss/ci_masked_recon"]
+        + 0.25 * m["loss/unmasked_recon"]
+    )
     np.testing.assert_allclose(m["loss/total"], expected, rtol=1e-6)
 
 
@@ -87,6 +98,9 @@ def test_faithfulness_warmup_reduces_faithfulness_and_leaves_optimizers_fresh():
     fresh = opt.components.init(comps)
     counts = [x for x in jax.tree.leaves(fresh) if x.dtype == jnp.int32]
     assert all(int(c) == 0 for c in counts)
-    mu = [s.mu for s in jax.tree.leaves(fresh, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-          if isinstance(s, optax.ScaleByAdamState)][0]
+    mu = [
+        s.mu
+        for s in jax.tree.leaves(fresh, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ][0]
     assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(mu))

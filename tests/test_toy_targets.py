@@ -196,8 +196,10 @@ def test_resid_mlp_waist_views() -> None:
     }
     assert model.clean_output(frozen, r).shape == (32, 12)
     np.testing.assert_allclose(
-        np.asarray(model.clean_output(frozen, r)), np.asarray(resid_mlp_output(RESID_SMALL, frozen, x)),
-        rtol=0, atol=MULTI_OP_ATOL,
+        np.asarray(model.clean_output(frozen, r)),
+        np.asarray(resid_mlp_output(RESID_SMALL, frozen, x)),
+        rtol=0,
+        atol=MULTI_OP_ATOL,
     )
     _check_masked_equals_clean(model, frozen, r)
 

@@ -62,7 +62,7 @@ def module_as_ci_fn(
     ) -> dict[str, Float[Array, "*leading C"]]:
         # Checked while tracing (free at run time): a missing entry would otherwise surface as an
         # obscure error about ShapeDtypeStruct leaves deep inside the module.
-        if jax.tree.structure(params) != params_treedef:
+        if str(jax.tree.structure(params)) != str(params_treedef):
             raise ValueError(
                 f"CI params do not match the network {description!r}: expected {params_treedef}, "
                 f"got {jax.tree.structure(params)}"
@@ -73,7 +73,9 @@ def module_as_ci_fn(
         return nnx.merge(graphdef, fresh)(site_inputs)
 
     ci_fn = CIFn(
-        leading_axes=tuple(leading_axes), apply=apply, description=description,
+        leading_axes=tuple(leading_axes),
+        apply=apply,
+        description=description,
         reads_component_acts=reads_component_acts,
     )
     return ci_fn, params

@@ -139,7 +139,9 @@ class ComponentMLPCI(nnx.Module):
             layer_params = {}
             for i in range(self.n_layers):
                 # Fan-in of ONE component's layer is dims[i] (flax's variance_scaling would count C too).
-                w = jax.random.normal(rngs.params(), (s.C, dims[i], dims[i + 1]), jnp.float32) / jnp.sqrt(dims[i])
+                w = jax.random.normal(rngs.params(), (s.C, dims[i], dims[i + 1]), jnp.float32) / jnp.sqrt(
+                    dims[i]
+                )
                 layer_params[f"w{i}"] = nnx.Param(w)
                 layer_params[f"b{i}"] = nnx.Param(jnp.zeros((s.C, dims[i + 1]), jnp.float32))
             per_site[s.name] = nnx.Dict(layer_params)

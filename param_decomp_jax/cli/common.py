@@ -15,7 +15,9 @@ EXIT_CONFIG_ERROR = 2
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="Experiment YAML (see configs/).")
     parser.add_argument("--out-dir", help="Parent folder of run directories (overrides `out_dir`).")
-    parser.add_argument("--run-id", help="Run id `p-` + 8 hex digits (default: from the config, else minted).")
+    parser.add_argument(
+        "--run-id", help="Run id `p-` + 8 hex digits (default: from the config, else minted)."
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

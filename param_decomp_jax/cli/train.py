@@ -31,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_summary(summary: dict, run_dir: str) -> str:
-    lines = [f"run {summary.get('run_id')}  ->  {run_dir}", f"steps {summary.get('steps')}"
-             f"   compile {summary.get('compile_s', 0):.1f}s   build {summary.get('build_s', 0):.1f}s"]
+    lines = [
+        f"run {summary.get('run_id')}  ->  {run_dir}",
+        f"steps {summary.get('steps')}"
+        f"   compile {summary.get('compile_s', 0):.1f}s   build {summary.get('build_s', 0):.1f}s",
+    ]
     losses = {k: v for k, v in summary.items() if k.startswith("loss/")}
     if losses:
         lines.append("final losses: " + "  ".join(f"{k[5:]}={v:.4g}" for k, v in sorted(losses.items())))
@@ -43,11 +46,15 @@ def format_summary(summary: dict, run_dir: str) -> str:
     if sites:
         lines.append(f"{'site':28s} {'alive':>6s} {'ci_l0':>7s} {'id_err':>7s} {'dense':>6s}")
         for s in sites:
+
             def get(key: str) -> str:
                 v = summary.get(key)
                 return "-" if v is None else f"{v:.3g}"
-            lines.append(f"{s:28s} {get('eval/alive/' + s):>6s} {get('eval/ci_l0/' + s):>7s} "
-                         f"{get('eval/identity_ci_error/' + s):>7s} {get('eval/probe_dense/' + s):>6s}")
+
+            lines.append(
+                f"{s:28s} {get('eval/alive/' + s):>6s} {get('eval/ci_l0/' + s):>7s} "
+                f"{get('eval/identity_ci_error/' + s):>7s} {get('eval/probe_dense/' + s):>6s}"
+            )
     return "\n".join(lines)
 
 
@@ -73,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, progress=not args.no_progress)
         result = trainer.run_training()
         if result.exit_code:
-            print(f"interrupted at step {result.final_step}; checkpoint saved in {result.run_dir.ckpts}",
-                  file=sys.stderr)
+            print(
+                f"interrupted at step {result.final_step}; checkpoint saved in {result.run_dir.ckpts}",
+                file=sys.stderr,
+            )
             return result.exit_code
         if trainer.primary:  # one summary per job, not one per process
             print(format_summary(result.summary, str(result.run_dir.root)))

@@ -141,6 +141,7 @@ def pgd_attack(
     sources: SourceDict, loss_of_sources: Callable[[SourceDict], Array], n_steps: int, step_size: float
 ) -> SourceDict:
     """`n_steps` sign ascents of `step_size`, projected to [0, 1]."""
+
     def ascent(_i: Array, sources: SourceDict) -> SourceDict:
         grads = jax.grad(loss_of_sources)(sources)
         return {k: jnp.clip(v + step_size * jnp.sign(grads[k]), 0.0, 1.0) for k, v in sources.items()}

@@ -29,7 +29,9 @@ class CIFn:
     reads_component_acts: bool = False
 
 
-def ci_network_inputs(ci_fn: CIFn, site_inputs: dict[str, Array], components: dict | None) -> dict[str, Array]:
+def ci_network_inputs(
+    ci_fn: CIFn, site_inputs: dict[str, Array], components: dict | None
+) -> dict[str, Array]:
     """What the CI network is fed: site inputs, or their projections on V (per site)."""
     if not ci_fn.reads_component_acts:
         return site_inputs

@@ -33,6 +33,7 @@ from param_decomp_jax.core.ci_fn import CIFn, ci_logits
 from param_decomp_jax.core.losses import annealed_p, faithfulness_loss, importance_minimality_loss
 from param_decomp_jax.core.model import Components, DecomposedModel, PyTree
 from param_decomp_jax.core.recon import (
+    SourceFn,
     channel_counts,
     constant_source_fn,
     masks_from_sources,
@@ -183,11 +184,15 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
         # -- PPGD warmup ascents (SPEC P2) --
         adversaries = dict(state["adversaries"])
         ppgd_lrs: dict[str, Array] = {}
-        for term in spec.ppgd_terms():
-            name = term_name(term)
-            ppgd_lrs[name] = adv_lib.ppgd_lr(term, step, spec.total_steps)
+        for ppgd_term in spec.ppgd_terms():
+            name = term_name(ppgd_term)
+            ppgd_lrs[name] = adv_lib.ppgd_lr(ppgd_term, step, spec.total_steps)
             adversaries[name], warm_loss = adv_lib.ppgd_warmup(
-                term, adversaries[name], all_sites_loss, ppgd_lrs[name], _active(term, step, spec.total_steps)
+                ppgd_term,
+                adversaries[name],
+                all_sites_loss,
+                ppgd_lrs[name],
+                _active(ppgd_term, step, spec.total_steps),
             )
             metrics[f"ppgd/{name}/warmup_loss"] = warm_loss
 
@@ -205,7 +210,12 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
             ]
             pgd_routes[name] = routes
 
-            def pgd_objective(src: Mapping[str, Array], name=name, routes=routes) -> Array:
+            def pgd_objective(
+                src: Mapping[str, Array], name=name, routes=routes, routing=term.routing
+            ) -> Array:
+                def source_fn(_k: Array, live_sites: tuple[str, ...]) -> dict[str, Array]:
+                    return {n: adv_lib.broadcast_sources(src[n], leading_shape) for n in live_sites}
+
                 return plan_recon_loss(
                     term_keys[name],
                     model,
@@ -215,9 +225,9 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
                     clean,
                     ci_lower_detached,
                     plans[name],
-                    term.routing,
+                    routing,
                     1,
-                    lambda _k, live: {n: adv_lib.broadcast_sources(src[n], leading_shape) for n in live},
+                    source_fn,
                     spec.use_delta,
                     fixed_routes=routes,
                 )
@@ -245,9 +255,12 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
                 key = term_keys[name]
                 use_delta = spec.use_delta
                 fixed_routes = None
+                source_fn: SourceFn
                 if isinstance(term, StochasticReconLoss):
 
-                    def source_fn(k, live, term=term):
+                    def source_fn(
+                        k: Array, live: tuple[str, ...], term: StochasticReconLoss = term
+                    ) -> dict[str, Array]:
                         return stochastic_sources(k, term.sampling, live, channels, leading_shape)
 
                     n_draws = term.n_draws

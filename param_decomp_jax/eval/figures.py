@@ -108,7 +108,7 @@ def permuted_ci(probe_ci: Mapping[str, np.ndarray], threshold: float, path: Path
 
 def uv_matrices(
     components: Mapping[str, Mapping[str, np.ndarray]],
-    orders: Mapping[str, Sequence[int]],
+    orders: Mapping[str, Sequence[int] | np.ndarray],
     path: Path,
     step: int,
 ) -> Path:

@@ -139,10 +139,10 @@ def make_eval_step(model: DecomposedModel, ci_fn: CIFn, use_delta: bool, cfg: Ev
             m[f"eval/ci_l0/{n}"] = l0[n]
             # Alive: CI above threshold at ANY position of the eval batch.
             m[f"eval/alive/{n}"] = jnp.sum(jnp.max(flat, axis=0) > cfg.ci_alive_threshold)
-        m["eval/ci_l0/total"] = sum(l0.values())
-        m["eval/alive/total"] = sum(m[f"eval/alive/{n}"] for n in names)
+        m["eval/ci_l0/total"] = jnp.sum(jnp.stack(list(l0.values())))
+        m["eval/alive/total"] = jnp.sum(jnp.stack([m[f"eval/alive/{n}"] for n in names]))
         for group, members in groups.items():
-            m[f"eval/ci_l0_group/{group}"] = sum(l0[n] for n in members)
+            m[f"eval/ci_l0_group/{group}"] = jnp.sum(jnp.stack([l0[n] for n in members]))
         return m
 
     return eval_step

@@ -26,9 +26,16 @@ class BatchProvider(Protocol):
 class ToyBatches:
     """Sparse-feature batches sampled on device from `fold_in(seed key, step)`."""
 
-    def __init__(self, data: SparseFeatureDataConfig, n_features: int, batch_size: int, seed: int,
-                 sharding: NamedSharding | None, stream: int = 0,
-                 value_range: tuple[float, float] = (0.0, 1.0)):
+    def __init__(
+        self,
+        data: SparseFeatureDataConfig,
+        n_features: int,
+        batch_size: int,
+        seed: int,
+        sharding: NamedSharding | None,
+        stream: int = 0,
+        value_range: tuple[float, float] = (0.0, 1.0),
+    ):
         from param_decomp_jax.targets.toy_data import sample_sparse_features
 
         base = jax.random.fold_in(jax.random.PRNGKey(seed), 7 + stream)
@@ -36,7 +43,11 @@ class ToyBatches:
 
         def sample(step: jax.Array) -> jax.Array:
             return sample_sparse_features(
-                jax.random.fold_in(base, step), batch_size, n_features, data.feature_probability, data.generation,
+                jax.random.fold_in(base, step),
+                batch_size,
+                n_features,
+                data.feature_probability,
+                data.generation,
                 value_range,
             )
 
@@ -49,9 +60,20 @@ class ToyBatches:
 class TokenBatchProvider:
     """Token rows from parquet shards; each process loads its slice of the global batch."""
 
-    def __init__(self, data: TokenDataConfig, batch_size: int, seed: int, sharding: NamedSharding | None,
-                 stream: int = 0):
-        from param_decomp_jax.runtime.token_data import BatchSchedule, TokenBatches, TokenDataset, resolve_shards
+    def __init__(
+        self,
+        data: TokenDataConfig,
+        batch_size: int,
+        seed: int,
+        sharding: NamedSharding | None,
+        stream: int = 0,
+    ):
+        from param_decomp_jax.runtime.token_data import (
+            BatchSchedule,
+            TokenBatches,
+            TokenDataset,
+            resolve_shards,
+        )
 
         path = data.train_path if stream == 0 or data.eval_path is None else data.eval_path
         dataset = TokenDataset(resolve_shards(path), data.column, data.seq_len)
@@ -66,8 +88,9 @@ class TokenBatchProvider:
         return jax.make_array_from_process_local_data(self._sharding, np.asarray(local), self._global_shape)
 
 
-def make_batches(cfg: ExperimentConfig, sharding: NamedSharding | None, stream: int = 0,
-                 batch_size: int | None = None) -> BatchProvider:
+def make_batches(
+    cfg: ExperimentConfig, sharding: NamedSharding | None, stream: int = 0, batch_size: int | None = None
+) -> BatchProvider:
     bs = batch_size or cfg.batch_size
     seed = cfg.seed + (EVAL_STREAM_OFFSET if stream else 0)
     if isinstance(cfg.data, TokenDataConfig):

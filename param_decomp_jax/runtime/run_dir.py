@@ -66,7 +66,11 @@ def pin_config(run: RunDir, cfg: ExperimentConfig, write: bool = True) -> None:
         if _comparable(old) != _comparable(text):
             diff = "\n".join(
                 difflib.unified_diff(
-                    _comparable(old).splitlines(), _comparable(text).splitlines(), "pinned", "requested", lineterm=""
+                    _comparable(old).splitlines(),
+                    _comparable(text).splitlines(),
+                    "pinned",
+                    "requested",
+                    lineterm="",
                 )
             )
             raise ConfigError(

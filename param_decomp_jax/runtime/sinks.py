@@ -51,7 +51,9 @@ class ProgressBar:
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
         self.enabled = enabled and sys.stderr.isatty()
-        self._bar = tqdm(total=total, initial=initial, desc=desc, disable=not self.enabled, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total, initial=initial, desc=desc, disable=not self.enabled, dynamic_ncols=True
+        )
 
     def update(self, n: int, metrics: dict[str, Any] | None = None) -> None:
         self._bar.update(n)

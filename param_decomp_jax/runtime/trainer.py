@@ -6,6 +6,7 @@ step late so logging never makes the device wait.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,10 +43,8 @@ class StopFlag:
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. under some test runners)
                 self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under some test runners)
-                pass
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum
@@ -98,12 +97,15 @@ class Trainer:
         # Data batches are 2-D for every target: [B, F] features or [B, T] token ids.
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh, 2)
         self.replicated = mesh_lib.replicated(self.mesh)
+        self.warmup_faithfulness: float | None = None
 
     # ---- state -----------------------------------------------------------------------------
     def _shardings(self, abstract_state: Any) -> Any:
         bsc_terms = [t.name or t.type for t in self.exp.spec.ppgd_terms() if t.scope.type == "bsc"]
         return mesh_lib.state_shardings(
-            abstract_state, self.mesh, shard_components=self.cfg.runtime.shard_components,
+            abstract_state,
+            self.mesh,
+            shard_components=self.cfg.runtime.shard_components,
             batch_sharded_terms=bsc_terms,
         )
 
@@ -134,7 +136,7 @@ class Trainer:
     def run_training(self) -> RunResult:
         cfg, exp = self.cfg, self.exp
         pin_config(self.run, cfg, write=False)  # refuse a changed config before touching state
-        self.warmup_faithfulness: float | None = None
+        self.warmup_faithfulness = None
         store = CheckpointStore(self.run.root, keep_last=cfg.checkpoint.keep_last)
         state, shardings, resumed = self._initial_state(store)
         # Pinned only once the state exists: a refused fine-tune (provenance mismatch) leaves no
@@ -150,8 +152,10 @@ class Trainer:
         train_batches = make_batches(cfg, self.batch_sharding)
         eval_bs = cfg.eval.batch_size or cfg.batch_size
         eval_batches = make_batches(cfg, self.batch_sharding, stream=1, batch_size=eval_bs)
-        residual_fn = jax.jit(lambda f, b: jax.lax.stop_gradient(exp.residual_fn(f, b)),
-                              out_shardings=self.batch_sharding_like_residual())
+        residual_fn = jax.jit(
+            lambda f, b: jax.lax.stop_gradient(exp.residual_fn(f, b)),
+            out_shardings=self.batch_sharding_like_residual(),
+        )
 
         step_fn = make_train_step(exp.model, exp.ci_fn, exp.spec, exp.optimizers)
         # THE jit site of the training step: state donated, batch on `dp`, frozen replicated.
@@ -161,13 +165,15 @@ class Trainer:
             out_shardings=(shardings, self.replicated),
             donate_argnums=(0,),
         )
-        eval_step = jax.jit(make_eval_step(exp.model, exp.ci_fn, exp.spec.use_delta, cfg.eval),
-                            out_shardings=self.replicated)
+        eval_step = jax.jit(
+            make_eval_step(exp.model, exp.ci_fn, exp.spec.use_delta, cfg.eval), out_shardings=self.replicated
+        )
 
         sinks = Sinks(
             JsonlSink(self.run.metrics) if self.primary else None,
             WandbSink(cfg.wandb, self.run.root, cfg.run_id or "", cfg.model_dump(mode="json"))
-            if (self.primary and cfg.wandb.enabled) else None,
+            if (self.primary and cfg.wandb.enabled)
+            else None,
         )
         stop = StopFlag()
         stop.install()
@@ -221,8 +227,14 @@ class Trainer:
             store.wait()
             extra = self._final_metrics(state, sinks, step)
             summary = {
-                "run_id": cfg.run_id, "steps": step, "compile_s": compile_s, "build_s": self.build_s,
-                "warmup_faithfulness": self.warmup_faithfulness, **last, **final_eval, **extra,
+                "run_id": cfg.run_id,
+                "steps": step,
+                "compile_s": compile_s,
+                "build_s": self.build_s,
+                "warmup_faithfulness": self.warmup_faithfulness,
+                **last,
+                **final_eval,
+                **extra,
                 "resume_provenance": provenance_record(cfg, self.run),
             }
             if self.primary:
@@ -237,13 +249,17 @@ class Trainer:
     def batch_sharding_like_residual(self) -> Any:
         return mesh_lib.batch_sharding(self.mesh, len(self.exp.model.leading_axes) + 1)
 
-    def _flush(self, sinks: Sinks, step: int, metrics: dict[str, jax.Array], step_s: float) -> dict[str, float]:
+    def _flush(
+        self, sinks: Sinks, step: int, metrics: dict[str, jax.Array], step_s: float
+    ) -> dict[str, float]:
         host = _to_host(metrics)
         host["time/step_s"] = step_s
         sinks.log(step, host)
         return host
 
-    def _eval(self, sinks, eval_step, eval_batches, state, frozen, residual_fn, step: int) -> dict[str, float]:
+    def _eval(
+        self, sinks, eval_step, eval_batches, state, frozen, residual_fn, step: int
+    ) -> dict[str, float]:
         batch = eval_batches.batch(0)
         residual = residual_fn(frozen, batch)
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 17), step)
@@ -260,7 +276,9 @@ class Trainer:
         from param_decomp_jax.eval.toy_eval import toy_probe_metrics
 
         metrics = toy_probe_metrics(
-            self.exp, jax.device_get(state["ci_params"]), self.cfg.eval.ci_alive_threshold,
+            self.exp,
+            jax.device_get(state["ci_params"]),
+            self.cfg.eval.ci_alive_threshold,
             jax.device_get(state["components"]),
         )
         sinks.log(step, metrics)
@@ -269,4 +287,3 @@ class Trainer:
 
 def train(cfg: ExperimentConfig, progress: bool = True) -> RunResult:
     return Trainer(cfg, progress=progress).run_training()
-
