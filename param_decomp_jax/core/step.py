@@ -327,8 +327,8 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
         ci_updates, ci_opt = optimizers.ci_fn.update(g_ci, state["ci_opt"], state["ci_params"])
         ci_params = optax.apply_updates(state["ci_params"], ci_updates)
 
-        metrics["grad_norm/components"] = optax.global_norm(g_comp)
-        metrics["grad_norm/ci_fn"] = optax.global_norm(g_ci)
+        metrics["grad_norm/components"] = optax.tree.norm(g_comp)
+        metrics["grad_norm/ci_fn"] = optax.tree.norm(g_ci)
         for n, ci in ci_lower.items():
             flat = ci.reshape(-1, ci.shape[-1])
             metrics[f"ci_l0/{n}"] = jnp.mean(
