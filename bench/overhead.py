@@ -1,0 +1,217 @@
+"""Host time per step outside the jitted call, as a fraction of the step, with default cadences.
+
+Two runs of the real `Trainer` (no progress bar; the loop code is untouched, some of its calls
+are wrapped by timers):
+- run A, default cadences, fewer steps than `eval_every` / `save_every`: `loop_step_ms` is the
+  trainer's own `time/step_s` (wall time per step over each logging interval, compile
+  excluded), median over intervals: dispatch + data + metrics logging of the loop.
+- run B, `eval_every` = `save_every` shortened: warm per-call time of the in-loop eval
+  (`eval_ms`) and of a checkpoint save INCLUDING its async write (`ckpt_ms`, save + wait: an
+  upper bound of what the async save costs), amortised over the DEFAULT cadences.
+- `pure_step_ms`: the same step compiled and timed alone (`bench.common.time_steps`);
+  `data_blocked_ms`: one step's batch + residual prefix, blocked; `step_with_data_ms`: the loop's
+  device work alone (fresh batch + residual + step per iteration); `data_ms`: host time of
+  `batch(step)` in run A (`flush_wait_ms`, the metrics fetch, mostly waits for queued steps).
+- `overhead_pct` = (loop − pure + eval/eval_every + ckpt/save_every) / pure.
+
+    python -m bench.overhead [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import TARGET_CACHE, build_step, load_case, print_table, time_steps, write_results
+
+# (config, steps of run A, steps of run B, eval/save cadence of run B).
+CASES = [("tms_5-2", 1500, 300, 100), ("resid_mlp_1l", 300, 60, 20), ("stories260k_mlp", 100, 30, 10)]
+QUICK_CASES = [("tms_5-2", 400, 60, 20)]
+
+
+def _timed(fn: Callable[..., Any], sink: list[float]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sink.append(time.perf_counter() - t0)
+        return out
+
+    return wrapper
+
+
+def instrumented_run(cfg: Any) -> tuple[dict[str, list[float]], list[float], float]:
+    """(per-call host seconds by component, trainer's time/step_s per interval, run wall s)."""
+    import param_decomp_jax.runtime.trainer as trainer_mod
+
+    calls: dict[str, list[float]] = collections.defaultdict(list)
+    orig_store, orig_batches = trainer_mod.CheckpointStore, trainer_mod.make_batches
+
+    class TimedStore(orig_store):  # type: ignore[misc, valid-type]
+        def save(self, *args: Any, **kwargs: Any) -> Any:
+            def save_and_wait() -> Any:
+                out = super(TimedStore, self).save(*args, **kwargs)
+                self.wait()
+                return out
+
+            return _timed(save_and_wait, calls["ckpt"])()
+
+    class TimedBatches:
+        def __init__(self, inner: Any, key: str):
+            self.inner, self.key = inner, key
+
+        def batch(self, step: int) -> Any:
+            return _timed(self.inner.batch, calls[self.key])(step)
+
+    def make_batches(*args: Any, **kwargs: Any) -> Any:
+        return TimedBatches(orig_batches(*args, **kwargs), "eval_data" if kwargs.get("stream") else "data")
+
+    trainer_mod.CheckpointStore, trainer_mod.make_batches = TimedStore, make_batches
+    try:
+        tr = trainer_mod.Trainer(cfg, progress=False, target_cache=TARGET_CACHE)
+        tr._flush = _timed(tr._flush, calls["flush"])  # type: ignore[method-assign]
+        tr._eval = _timed(tr._eval, calls["eval"])  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        result = tr.run_training()
+        wall = time.perf_counter() - t0
+    finally:
+        trainer_mod.CheckpointStore, trainer_mod.make_batches = orig_store, orig_batches
+    records = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines() if line.strip()]
+    intervals = [r["time/step_s"] for r in records if "time/step_s" in r]
+    return dict(calls), intervals, wall
+
+
+def data_step_s(exp: Any, n: int) -> float:
+    """Host + device time of one step's data: `batch(step)` then the residual prefix, blocked."""
+    import jax
+
+    from param_decomp_jax.runtime.data import make_batches
+
+    batches = make_batches(exp.cfg, None)
+    residual_fn = jax.jit(lambda f, b: jax.lax.stop_gradient(exp.residual_fn(f, b)))
+    jax.block_until_ready(residual_fn(exp.frozen, batches.batch(0)))
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        jax.block_until_ready(residual_fn(exp.frozen, batches.batch(i)))
+    return (time.perf_counter() - t0) / n
+
+
+def step_with_data_s(bundle: Any, n: int) -> float:
+    """The loop's device work without the trainer: fresh batch + residual + step, blocked at the end."""
+    import jax
+
+    from param_decomp_jax.runtime.data import make_batches
+
+    exp = bundle.exp
+    batches = make_batches(exp.cfg, None)
+    residual_fn = jax.jit(lambda f, b: jax.lax.stop_gradient(exp.residual_fn(f, b)))
+    bundle.residual = residual_fn(exp.frozen, batches.batch(0))
+    jax.block_until_ready(bundle.step())
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        bundle.residual = residual_fn(exp.frozen, batches.batch(i))
+        metrics = bundle.step()
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - t0) / n
+
+
+def measure(config: str, steps_a: int, steps_b: int, every_b: int, out_dir: str) -> dict[str, Any]:
+    default = load_case(config)
+    cfg_a = load_case(config, None, [f"steps={steps_a}", f"out_dir={out_dir}/{config}-a"])
+    bundle = build_step(cfg_a)
+    # Pure step timed right before and right after run A (the machine is shared): their mean.
+    pure_before = time_steps(bundle, warmup=3, budget_s=3.0)["step_s"]
+    calls, intervals, wall = instrumented_run(cfg_a)
+    pure_after = time_steps(bundle, warmup=3, budget_s=3.0)["step_s"]
+    pure = (pure_before + pure_after) / 2
+    cfg_b = load_case(
+        config,
+        None,
+        [
+            f"steps={steps_b}",
+            f"eval.eval_every={every_b}",
+            f"checkpoint.save_every={every_b}",
+            f"out_dir={out_dir}/{config}-b",
+        ],
+    )
+    calls_b, _, _ = instrumented_run(cfg_b)
+    calls.update({k: v for k, v in calls_b.items() if k in ("eval", "ckpt")})
+    n_data = 20 if getattr(cfg_a.data, "seq_len", None) else 200
+    data_full = data_step_s(bundle.exp, n=n_data)
+    with_data = step_with_data_s(bundle, n=n_data)
+    del bundle
+
+    def warm(key: str) -> float:  # drop the first call (compiles / sets up), median of the rest
+        xs = calls.get(key, [])
+        return statistics.median(xs[1:] if len(xs) > 1 else xs) if xs else 0.0
+
+    loop = statistics.median(intervals[1:] if len(intervals) > 2 else intervals)
+    ev, ck = warm("eval"), warm("ckpt")
+    ev_every, ck_every = default.eval.eval_every or 0, default.checkpoint.save_every or 0
+    amort = (ev / ev_every if ev_every else 0.0) + (ck / ck_every if ck_every else 0.0)
+    return {
+        "case": config,
+        "steps_run": steps_a,
+        "pure_step_ms": pure * 1e3,
+        "pure_before_after_ms": [pure_before * 1e3, pure_after * 1e3],
+        "loop_step_ms": loop * 1e3,
+        "loop_overhead_pct": 100 * (loop - pure) / pure,
+        "data_ms": warm("data") * 1e3,
+        "data_blocked_ms": data_full * 1e3,
+        "step_with_data_ms": with_data * 1e3,
+        "flush_wait_ms": warm("flush") * 1e3,  # device_get of queued steps: mostly waiting
+        "log_every": default.logging.log_every,
+        "eval_ms": ev * 1e3,
+        "eval_every": ev_every,
+        "first_eval_ms": calls.get("eval", [0.0])[0] * 1e3,
+        "ckpt_ms": ck * 1e3,
+        "save_every": ck_every,
+        "amortised_eval_ckpt_ms": amort * 1e3,
+        "overhead_pct": 100 * (loop - pure + amort) / pure,
+        "run_wall_s": wall,
+        "n_intervals": len(intervals),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as out_dir:
+        for config, steps_a, steps_b, every_b in QUICK_CASES if args.quick else CASES:
+            rows.append(measure(config, steps_a, steps_b, every_b, out_dir))
+            print(
+                f"  {config}: loop {rows[-1]['loop_step_ms']:.2f} ms vs pure {rows[-1]['pure_step_ms']:.2f} ms, "
+                f"overhead {rows[-1]['overhead_pct']:.1f}%",
+                flush=True,
+            )
+    table = print_table(
+        rows,
+        [
+            "case",
+            "pure_step_ms",
+            "loop_step_ms",
+            "loop_overhead_pct",
+            "data_blocked_ms",
+            "step_with_data_ms",
+            "eval_ms",
+            "eval_every",
+            "ckpt_ms",
+            "save_every",
+            "overhead_pct",
+        ],
+        "Host overhead per step (default cadences)",
+    )
+    payload = {"quick": args.quick, "rows": rows, "table": table}
+    write_results("overhead", payload, quick=args.quick)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
