@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+from functools import partial
 from typing import Any
 
 from bench import analytic, hlo
 from bench.common import (
+    StepBundle,
     build_step,
     cost_flops,
     is_lm,
     load_case,
     matmul_peak,
+    memory_stats,
+    mib,
     print_table,
     time_steps,
     write_results,
@@ -53,6 +57,11 @@ QUICK_COMPUTE_BOUND = (
 )
 
 
+def _two_steps(bundle: StepBundle) -> Any:
+    bundle.step()
+    return bundle.step()
+
+
 def measure(
     label: str,
     config: str,
@@ -70,6 +79,7 @@ def measure(
     cost = cost_flops(bundle.compiled)
     ana = analytic.step_flops(bundle.exp)
     naive = analytic.step_flops(bundle.exp, reuse=False)["total"]
+    mem = memory_stats(bundle.compiled)
     timing = time_steps(bundle, warmup=1 if is_lm(config) else 5, budget_s=budget_s)
     step_s = timing["step_s"]
     row: dict[str, Any] = {
@@ -88,10 +98,11 @@ def measure(
         "dot_gflops_per_s": dots["executed"] / step_s / 1e9,
         "cost_gflops_per_s": cost["flops"] / step_s / 1e9,
         "arith_intensity": cost["flops"] / max(cost["bytes accessed"], 1.0),
+        "predicted_peak_mib": mib(mem["predicted_peak"]),
     }
     row["pct_of_peak"] = 100 * row["dot_gflops_per_s"] / peak_gflops
     if profile:
-        self_ns, wall_ns = hlo.trace_self_times(lambda b=bundle: (b.step(), b.step())[-1])
+        self_ns, wall_ns = hlo.trace_self_times(partial(_two_steps, bundle))
         summary = hlo.summarise_profile(self_ns, text)
         summary["wall_ms_2_steps"] = wall_ns / 1e6
         row["profile"] = summary
@@ -133,8 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "hlo_dot_gflop",
             "analytic_gflop",
             "analytic_over_hlo",
+            "gbytes_accessed",
             "dot_gflops_per_s",
             "pct_of_peak",
+            "predicted_peak_mib",
         ],
         f"FLOPs per step and efficiency (matmul peak {peak:.1f} GFLOP/s fp32)",
     )

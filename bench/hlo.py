@@ -109,7 +109,8 @@ def categorize(name: str, instrs: dict[str, Instr], dot_comps: set[str]) -> str:
     ins = instrs.get(name)
     if ins is None:
         return "other"
-    op_name = (_OPNAME.search(ins.rest) or [None, ""])[1] if _OPNAME.search(ins.rest) else ""
+    m = _OPNAME.search(ins.rest)
+    op_name = m.group(1) if m else ""
     if ins.opcode == "dot":
         return "dot"
     if ins.opcode == "fusion":

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import tempfile
+import time
 from typing import Any
 
 from bench.common import (
+    RESULTS_DIR,
     build_step,
     load_case,
     memory_stats,
@@ -114,6 +117,27 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def r_squared(xs: list[float], ys: list[float], a: float, b: float) -> float:
+    my = sum(ys) / len(ys)
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    return 1 - ss_res / ss_tot if ss_tot else float("nan")
+
+
+def fit_sweep(name: str, x_label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Log-log slope, linear-fit marginal cost, fixed share and linear R² of time and memory."""
+    xs = [float(r["x"]) for r in rows]
+    fit: dict[str, Any] = {"sweep": name, "x": x_label, "range": f"{int(xs[0])}..{int(xs[-1])}"}
+    for metric, label in (("step_ms", "time"), ("predicted_peak_mib", "mem")):
+        ys = [r[metric] for r in rows]
+        a, b = linear_fit(xs, ys)
+        fit[f"{label}_slope"] = loglog_slope(xs, ys)
+        fit[f"{label}_marginal"] = b
+        fit[f"{label}_fixed_share"] = a / ys[-1] if ys[-1] else float("nan")
+        fit[f"{label}_linear_r2"] = r_squared(xs, ys, a, b)
+    return fit
+
+
 def measure_point(
     x: int,
     config: str,
@@ -150,44 +174,12 @@ def measure_point(
 
 
 def _spec(config: str, overrides: list[str]) -> str:
-    import json
-
     return json.dumps({"config": config, "ppgd": None, "overrides": overrides})
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument(
-        "--no-measure-memory", action="store_true", help="skip the fresh-process peak measurement"
-    )
-    args = ap.parse_args(argv)
-    cache = tempfile.mkdtemp(prefix="bench-scaling-cache-")
-    from param_decomp_jax.runtime.compile_cache import enable_compile_cache
-
-    enable_compile_cache(cache)  # the memory subprocess then loads the step instead of recompiling
-    measure_mem = not args.no_measure_memory
-    results, fits, cached = [], [], {}
-    for sw in sweeps(args.quick):
-        rows = []
-        for i, (x, config, ov) in enumerate(sw["points"]):
-            mem_here = measure_mem and (not args.quick or i == 0)
-            rows.append(measure_point(x, config, ov, 0.5 if args.quick else 2.0, mem_here, cache, cached))
-            print(
-                f"  {sw['sweep']} {sw['x']}={x}: {rows[-1]['step_ms']:.1f} ms, "
-                f"{rows[-1]['predicted_peak_mib']:.1f} MiB predicted",
-                flush=True,
-            )
-        xs = [float(r["x"]) for r in rows]
-        fit: dict[str, Any] = {"sweep": sw["sweep"], "x": sw["x"], "range": f"{int(xs[0])}..{int(xs[-1])}"}
-        for metric, label in (("step_ms", "time"), ("predicted_peak_mib", "mem")):
-            ys = [r[metric] for r in rows]
-            a, b = linear_fit(xs, ys)
-            fit[f"{label}_slope"] = loglog_slope(xs, ys)
-            fit[f"{label}_marginal"] = b
-            fit[f"{label}_fixed_share"] = a / ys[-1] if ys[-1] else float("nan")
-        fits.append(fit)
-        results.append({**sw, "points": rows})
+def report(results: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """Fits, tables and the memory-ratio summary of measured sweeps."""
+    fits = [fit_sweep(sw["sweep"], sw["x"], sw["points"]) for sw in results]
     tables = [
         print_table(
             [{"sweep": s["sweep"], **r} for s in results for r in s["points"]],
@@ -214,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "mem_slope",
                 "mem_marginal",
                 "mem_fixed_share",
+                "time_linear_r2",
+                "mem_linear_r2",
             ],
             "Fitted slopes (log-log; marginal = b in y = a + b x, ms or MiB per unit; fixed = a / y_max)",
         ),
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"min": min(xs), "max": max(xs), "n": len(xs)} if xs else None
 
     payload = {
-        "quick": args.quick,
+        "quick": quick,
         "sweeps": results,
         "fits": fits,
         "tables": tables,
@@ -234,6 +228,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # arenas: a few to ~12 MiB, not in the compiled analysis) dominate the comparison.
         "memory_ratio_large": ratio_range([r for r in measured if r["predicted_peak_mib"] >= 100]),
     }
+    return payload
+
+
+def refit() -> dict[str, Any]:
+    """Recompute fits and tables of the stored full run (no new measurement; machine info kept)."""
+    path = RESULTS_DIR / "scaling.json"
+    stored = json.loads(path.read_text())
+    payload = {**stored, **report(stored["sweeps"], stored.get("quick", False))}
+    payload["refit_time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--no-measure-memory", action="store_true", help="skip the fresh-process peak measurement"
+    )
+    ap.add_argument("--refit", action="store_true", help="recompute fits of bench/results/scaling.json")
+    args = ap.parse_args(argv)
+    if args.refit:
+        return refit()
+    cache = tempfile.mkdtemp(prefix="bench-scaling-cache-")
+    from param_decomp_jax.runtime.compile_cache import enable_compile_cache
+
+    enable_compile_cache(cache)  # the memory subprocess then loads the step instead of recompiling
+    measure_mem = not args.no_measure_memory
+    results: list[dict[str, Any]] = []
+    cached: dict[str, dict[str, Any]] = {}
+    for sw in sweeps(args.quick):
+        rows = []
+        for i, (x, config, ov) in enumerate(sw["points"]):
+            mem_here = measure_mem and (not args.quick or i == 0)
+            rows.append(measure_point(x, config, ov, 0.5 if args.quick else 2.0, mem_here, cache, cached))
+            print(
+                f"  {sw['sweep']} {sw['x']}={x}: {rows[-1]['step_ms']:.1f} ms, "
+                f"{rows[-1]['predicted_peak_mib']:.1f} MiB predicted",
+                flush=True,
+            )
+        results.append({**sw, "points": rows})
+    payload = report(results, args.quick)
     write_results("scaling", payload, quick=args.quick)
     return payload
 

@@ -19,6 +19,8 @@ from bench.common import (
     build_step,
     is_lm,
     load_case,
+    memory_stats,
+    mib,
     positions_per_step,
     print_table,
     time_steps,
@@ -48,6 +50,7 @@ def measure(
 ) -> dict[str, Any]:
     cfg = load_case(name, ppgd, overrides or [])
     bundle = build_step(cfg)
+    mem = memory_stats(bundle.compiled)
     timing = time_steps(bundle, warmup=2 if is_lm(name) else 5, budget_s=budget_s)
     per_step = positions_per_step(cfg)
     unit = "tokens" if is_lm(name) else "examples"
@@ -68,6 +71,8 @@ def measure(
         "timed_steps": timing["timed_steps"],
         "lower_s": bundle.lower_s,
         "compile_s": bundle.compile_s,
+        "predicted_peak_mib": mib(mem["predicted_peak"]),
+        "temp_mib": mib(mem["temp_bytes"]),
     }
     del bundle
     gc.collect()
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "items_per_s",
             "lower_s",
             "compile_s",
+            "predicted_peak_mib",
         ],
         "Step throughput (compile excluded)",
     )
