@@ -17,9 +17,11 @@ model, attention, the CI transformer) pulls the slope below 1, so a linear fit's
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import math
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.refit:
         return refit()
     cache = tempfile.mkdtemp(prefix="bench-scaling-cache-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
     from param_decomp_jax.runtime.compile_cache import enable_compile_cache
 
     enable_compile_cache(cache)  # the memory subprocess then loads the step instead of recompiling
