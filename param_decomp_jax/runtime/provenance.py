@@ -22,6 +22,7 @@ from typing import Any
 import jax
 
 from param_decomp_config import ConfigError, ExperimentConfig, load_config
+from param_decomp_jax.runtime import mesh as mesh_lib
 from param_decomp_jax.runtime.checkpoint import CheckpointStore
 from param_decomp_jax.runtime.run_dir import RunDir, run_dir_for
 
@@ -144,12 +145,7 @@ def init_from_parent(cfg: ExperimentConfig, fresh_state: PyTree, shardings: PyTr
         raise ConfigError(f"resume_provenance.run_dir: parent {parent_dir} has no ckpts/ directory")
     with CheckpointStore(parent_dir, read_only=True) as store:
         step = resolve_step(store, cfg.resume_provenance.step, parent_dir)
-        target = {
-            k: jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), fresh_state[k], shardings[k]
-            )
-            for k in INHERITED_KEYS
-        }
+        target = {k: mesh_lib.with_shardings(fresh_state[k], shardings[k]) for k in INHERITED_KEYS}
         try:
             restored = store.restore_subtree(step, target)
         except ValueError as e:

@@ -21,10 +21,10 @@ import numpy as np
 
 from param_decomp_config.targets import ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 from param_decomp_jax.core.model import DecomposedModel
-from param_decomp_jax.targets.resid_mlp import embed_residual_fn, make_resid_mlp_model, pretrain_resid_mlp
+from param_decomp_jax.targets.resid_mlp import build_resid_mlp, make_resid_mlp_model, pretrain_resid_mlp
 from param_decomp_jax.targets.tms import (
     ResidualFn,
-    identity_residual_fn,
+    build_tms,
     make_tms_model,
     pretrain_tms,
     tms_features_represented,
@@ -87,12 +87,11 @@ def build_target(
 ) -> tuple[DecomposedModel, Frozen, ResidualFn]:
     """Dispatch on `target_cfg.type`. Toy targets are pretrained (or loaded from `cache_dir`)."""
     if isinstance(target_cfg, TMSTargetConfig | ResidMLPTargetConfig):
-        # Build the model first: a bad site list fails before any pretraining.
-        model = (
+        # Check the site list first (by building the model): a bad one fails before any pretraining.
+        if isinstance(target_cfg, TMSTargetConfig):
             make_tms_model(target_cfg, site_Cs)
-            if isinstance(target_cfg, TMSTargetConfig)
-            else make_resid_mlp_model(target_cfg, site_Cs)
-        )
+        else:
+            make_resid_mlp_model(target_cfg, site_Cs)
         frozen, _ = load_or_pretrain(target_cfg, cache_dir)
         summary = target_summary(target_cfg, frozen)
         if summary.get("target/features_represented", np.inf) < target_cfg.n_features:
@@ -102,9 +101,9 @@ def build_target(
                 f"{int(summary['target/features_represented'])}/{target_cfg.n_features} features",
                 stacklevel=2,
             )
-        # TMS has no frozen prefix; ResidMLP's fixed embedding runs once per batch as its prefix.
-        residual_fn = identity_residual_fn if isinstance(target_cfg, TMSTargetConfig) else embed_residual_fn
-        return model, frozen, residual_fn
+        # The target module owns its residual fn (TMS: identity; ResidMLP: the fixed embedding).
+        build = build_tms if isinstance(target_cfg, TMSTargetConfig) else build_resid_mlp
+        return build(target_cfg, site_Cs, frozen)  # type: ignore[arg-type]
     if target_cfg.type == "llama":
         # ---- llama: registered by the Llama target (lazy import keeps toys free of its deps) ----
         from param_decomp_jax.targets.llama import build_llama
