@@ -136,8 +136,22 @@ class ExperimentConfig(StrictModel):
             raise ValueError("ci_fn.type: 'shared_transformer' attends over sequences; toy targets have none")
         if self.run_id is not None and not _is_run_id(self.run_id):
             raise ValueError(f"run_id: {self.run_id!r} is not `p-` followed by 8 hex digits")
+        k = self.runtime.steps_per_call
+        if k > 1:
+            for key, every in self.call_boundaries().items():
+                if every % k:
+                    raise ValueError(f"runtime.steps_per_call: {k} does not divide {key} = {every}")
         self._warn_narrow_layerwise_ci()
         return self
+
+    def call_boundaries(self) -> dict[str, int]:
+        """The step counts a multi-step training call must not straddle (see runtime.steps_per_call)."""
+        out = {"steps": self.steps, "logging.log_every": self.logging.log_every}
+        if self.eval.eval_every:
+            out["eval.eval_every"] = self.eval.eval_every
+        if self.checkpoint.save_every:
+            out["checkpoint.save_every"] = self.checkpoint.save_every
+        return out
 
     def _warn_narrow_layerwise_ci(self) -> None:
         """A layerwise CI MLP computes every component's CI of a site from one hidden layer: narrower

@@ -21,6 +21,15 @@ class RuntimeConfig(StrictModel):
         None, description="XLA persistent compile cache (default: <out_dir>/../.jax_cache)."
     )
     transfer_guard: bool = Field(False, description="Disallow implicit host<->device transfers in the loop.")
+    steps_per_call: int = Field(
+        0,
+        ge=0,
+        description="Training steps run inside ONE jitted call (a device-side loop) when the batch is "
+        "made on device (toy targets), to cut the per-step dispatch cost of fast steps. 0 = automatic: "
+        "the largest divisor of gcd(steps, logging.log_every, eval.eval_every, checkpoint.save_every) "
+        "that is <= 10, so every log, eval and checkpoint still falls on a call boundary. Token data "
+        "always runs 1 (its batch comes from the host). A value > 0 must divide those cadences.",
+    )
 
 
 class EvalConfig(StrictModel):

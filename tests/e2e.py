@@ -26,20 +26,20 @@ from conftest import REPO_ROOT
 SMOKE = REPO_ROOT / "configs" / "tms_5-2_smoke.yaml"
 TIMEOUT_S = 240  # one training subprocess; generous for 2 shared, busy cores
 
-# `jsp-train`, optionally slowed down on the host side by E2E_STEP_SLEEP_S per batch so a test
-# can interrupt it mid-run deterministically. The sleep happens before the batch is drawn: the
-# numbers computed are unchanged.
+# `jsp-train`, optionally slowed down on the host side by E2E_STEP_SLEEP_S per training call so a
+# test can interrupt it mid-run deterministically. The sleep happens when the loop asks for the
+# call's inputs (toys have none: the batch is made on device): the numbers computed are unchanged.
 TRAIN_DRIVER = textwrap.dedent(
     """
     import os, sys, time
     delay = float(os.environ.get("E2E_STEP_SLEEP_S", "0"))
     if delay:
         from param_decomp_jax.runtime import data
-        original = data.ToyBatches.batch
-        def slow_batch(self, step):
+        original = data.ToyBatches.step_inputs
+        def slow_step_inputs(self, step):
             time.sleep(delay)
             return original(self, step)
-        data.ToyBatches.batch = slow_batch
+        data.ToyBatches.step_inputs = slow_step_inputs
     from param_decomp_jax.cli.train import main
     sys.exit(main(sys.argv[1:]))
     """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -81,21 +82,57 @@ def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+# Automatic multi-step calls stop at this many steps: a call of a slow toy step (ResidMLP 3L,
+# ~0.7 s) then still returns to the host every few seconds for the progress bar and signals.
+MAX_AUTO_STEPS_PER_CALL = 10
+
+
+def steps_per_call(cfg: ExperimentConfig, batches: BatchProvider) -> int:
+    """Training steps per jitted call (`runtime.steps_per_call`, 0 = automatic).
+
+    Only providers that make the batch on device can loop on device; every multi-step call ends on
+    a log / eval / checkpoint step (the schema checks an explicit value divides those cadences).
+    """
+    if batches.input_shardings:  # the batch comes from the host, one per step
+        return 1
+    if cfg.runtime.steps_per_call:
+        return cfg.runtime.steps_per_call
+    boundary = math.gcd(*cfg.call_boundaries().values())
+    return max(k for k in range(1, MAX_AUTO_STEPS_PER_CALL + 1) if boundary % k == 0)
+
+
 def make_loop_step(
-    exp: Experiment, step_fn: Callable[..., Any], batches: BatchProvider, residual_sharding: Any
+    exp: Experiment,
+    step_fn: Callable[..., Any],
+    batches: BatchProvider,
+    residual_sharding: Any,
+    n_steps: int = 1,
 ) -> Callable[..., Any]:
     """`loop_step(state, frozen, *batches.step_inputs(step))`: the function the loop jits.
 
     The batch (sampled on device for toys, the token rows for LMs) and the frozen prefix run
     inside the same call as the step: one dispatch per training step, no host work for toy data.
+    With `n_steps > 1` (on-device batches only) the call runs that many steps in a device-side
+    loop and returns the metrics of the last one: one dispatch per `n_steps` steps.
     """
 
-    def loop_step(state: Any, frozen: Any, *step_inputs: jax.Array) -> Any:
+    def one_step(state: Any, frozen: Any, *step_inputs: jax.Array) -> Any:
         batch = batches.batch_in_step(state["step"], *step_inputs)
         residual = jax.lax.stop_gradient(exp.residual_fn(frozen, batch))
         if residual_sharding is not None:
             residual = jax.lax.with_sharding_constraint(residual, residual_sharding)
         return step_fn(state, frozen, residual)
+
+    if n_steps > 1 and batches.input_shardings:
+        raise ValueError("several steps per call need a batch made on device (toy data)")
+
+    def loop_step(state: Any, frozen: Any, *step_inputs: jax.Array) -> Any:
+        if n_steps == 1:
+            return one_step(state, frozen, *step_inputs)
+        # The carry holds the metrics too, so only the last step's are returned (zeros to start).
+        metrics_shape = jax.eval_shape(one_step, state, frozen)[1]
+        zeros = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), metrics_shape)
+        return jax.lax.fori_loop(0, n_steps, lambda _, carry: one_step(carry[0], frozen), (state, zeros))
 
     return loop_step
 
@@ -178,7 +215,11 @@ class Trainer:
         )
 
         step_fn = make_train_step(exp.model, exp.ci_fn, exp.spec, exp.optimizers)
-        loop_step = make_loop_step(exp, step_fn, train_batches, self.batch_sharding_like_residual())
+        # A resumed run starts on a call boundary of its own config; gcd keeps it one otherwise.
+        per_call = math.gcd(steps_per_call(cfg, train_batches), start)
+        loop_step = make_loop_step(
+            exp, step_fn, train_batches, self.batch_sharding_like_residual(), n_steps=per_call
+        )
         # THE jit site of the training step: state donated, data on `dp`, frozen replicated.
         train_step = jax.jit(
             loop_step,
@@ -198,6 +239,11 @@ class Trainer:
         )
         stop = StopFlag()
         stop.install()
+        # runtime.transfer_guard: an implicit host<->device copy in the training call (e.g. a numpy
+        # batch) raises instead of silently syncing every step.
+        guard = (
+            (lambda: jax.transfer_guard("disallow")) if cfg.runtime.transfer_guard else contextlib.nullcontext
+        )
         bar = ProgressBar(cfg.steps, start, self.progress)
         pending: tuple[int, dict[str, jax.Array], float] | None = None
         last: dict[str, float] = {}
@@ -206,24 +252,25 @@ class Trainer:
         t_prev = time.perf_counter()
         step = logged_step = start
         try:
-            for step in range(start, cfg.steps):
+            for step in range(start, cfg.steps, per_call):
                 step_inputs = train_batches.step_inputs(step)
                 t_call = time.perf_counter()
-                state, metrics = train_step(state, frozen, *step_inputs)
+                with guard():
+                    state, metrics = train_step(state, frozen, *step_inputs)
+                done = step + per_call  # steps finished after this call
                 if step == start:
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - t_call
-                    t_prev, logged_step = time.perf_counter(), start + 1  # keep compile out of step time
+                    t_prev, logged_step = time.perf_counter(), done  # keep compile out of step time
                 if pending is not None:  # read the previous logged step while this one runs
                     last = self._flush(sinks, *pending)
                     pending = None
-                if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.steps:
+                if done % cfg.logging.log_every == 0 or done == cfg.steps:
                     # Wall time per step over the interval (dispatch is async; the fetch above syncs).
                     now = time.perf_counter()
-                    pending = (step + 1, metrics, (now - t_prev) / max(step + 1 - logged_step, 1))
-                    t_prev, logged_step = now, step + 1
-                bar.update(1, last)
-                done = step + 1
+                    pending = (done, metrics, (now - t_prev) / max(done - logged_step, 1))
+                    t_prev, logged_step = now, done
+                bar.update(per_call, last)
                 if cfg.eval.eval_every and done % cfg.eval.eval_every == 0 and done < cfg.steps:
                     self._eval(sinks, eval_step, eval_batches, state, frozen, residual_fn, done)
                 if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0:
@@ -251,6 +298,7 @@ class Trainer:
                 "run_id": cfg.run_id,
                 "steps": step,
                 "compile_s": compile_s,
+                "steps_per_call": per_call,
                 "build_s": self.build_s,
                 "warmup_faithfulness": self.warmup_faithfulness,
                 **last,
