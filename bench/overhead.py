@@ -10,7 +10,8 @@ are wrapped by timers):
   (`eval_ms`) and of a checkpoint save INCLUDING its async write (`ckpt_ms`, save + wait: an
   upper bound of what the async save costs), amortised over the DEFAULT cadences.
 - `pure_step_ms`: the trainer's own jitted call (`make_loop_step`: on-device toy batch or the
-  token batch, frozen prefix, step) timed alone in a tight loop (`bench.common.time_steps`);
+  token batch, frozen prefix, step; `steps_per_call` steps per call for toys, runtime.steps_per_call)
+  timed alone in a tight loop (`bench.common.time_steps`), divided by its steps per call;
   `core_step_ms`: the core step alone on a fixed residual (what the batch and prefix add on
   device is `pure - core`, device work, not host overhead); `data_ms`: host time of
   `step_inputs(step)` in run A (`flush_wait_ms`, the metrics fetch, mostly waits for queued steps).
@@ -97,7 +98,8 @@ def instrumented_run(cfg: Any) -> tuple[dict[str, list[float]], list[float], flo
 
 
 class LoopCallBundle:
-    """The trainer's jitted call (`make_loop_step`) on one device, stepped like a `StepBundle`."""
+    """The trainer's jitted call (`make_loop_step`, with the trainer's `steps_per_call`) on one
+    device; `step()` runs one call, i.e. `steps_per_call` training steps."""
 
     def __init__(self, cfg: Any):
         import jax
@@ -105,18 +107,23 @@ class LoopCallBundle:
         from param_decomp_jax.core.step import make_train_step
         from param_decomp_jax.runtime.build import build_experiment
         from param_decomp_jax.runtime.data import make_batches
-        from param_decomp_jax.runtime.trainer import make_loop_step
+        from param_decomp_jax.runtime.trainer import make_loop_step, steps_per_call
 
         exp = build_experiment(cfg, target_cache=TARGET_CACHE)
         self.batches = make_batches(cfg, None)
+        self.steps_per_call = steps_per_call(cfg, self.batches)
         step_fn = make_train_step(exp.model, exp.ci_fn, exp.spec, exp.optimizers)
-        self.call = jax.jit(make_loop_step(exp, step_fn, self.batches, None), donate_argnums=(0,))
+        loop = make_loop_step(exp, step_fn, self.batches, None, n_steps=self.steps_per_call)
+        self.call = jax.jit(loop, donate_argnums=(0,))
         self.state, self.frozen, self.i = jax.jit(exp.fresh_state)(), exp.frozen, 0
 
     def step(self) -> Any:
         self.state, metrics = self.call(self.state, self.frozen, *self.batches.step_inputs(self.i))
-        self.i += 1
+        self.i += self.steps_per_call
         return metrics
+
+    def time_per_step(self) -> float:
+        return time_steps(self, warmup=3, budget_s=3.0)["step_s"] / self.steps_per_call
 
 
 def measure(
@@ -129,13 +136,13 @@ def measure(
     bundle = LoopCallBundle(load_case(config, None, [f"steps={steps_a}"]))
     # The machine is shared: alternate pure timing and run A (pure, A, pure, A, pure) and compare
     # medians, so a load change during one measurement does not decide the result.
-    pures = [time_steps(bundle, warmup=3, budget_s=3.0)["step_s"]]
+    pures = [bundle.time_per_step()]
     loops: list[float] = []
     for rep in range(repeats):
         cfg_a = load_case(config, None, [f"steps={steps_a}", f"out_dir={out_dir}/{config}-a{rep}"])
         calls, intervals, wall = instrumented_run(cfg_a)
         loops.append(statistics.median(intervals[1:] if len(intervals) > 2 else intervals))
-        pures.append(time_steps(bundle, warmup=3, budget_s=3.0)["step_s"])
+        pures.append(bundle.time_per_step())
     pure, loop = statistics.median(pures), statistics.median(loops)
     cfg_b = load_case(
         config,
@@ -149,6 +156,7 @@ def measure(
     )
     calls_b, _, _ = instrumented_run(cfg_b)
     calls.update({k: v for k, v in calls_b.items() if k in ("eval", "ckpt")})
+    per_call = bundle.steps_per_call
     del bundle
 
     def warm(key: str) -> float:  # drop the first call (compiles / sets up), median of the rest
@@ -161,6 +169,7 @@ def measure(
     return {
         "case": config,
         "steps_run": steps_a,
+        "steps_per_call": per_call,
         "pure_step_ms": pure * 1e3,
         "pure_runs_ms": [p * 1e3 for p in pures],
         "loop_runs_ms": [x * 1e3 for x in loops],
