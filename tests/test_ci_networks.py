@@ -360,3 +360,36 @@ def test_project_per_site_equals_splitting_the_full_projection():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="sites need"):
         project_per_site(lin, x, sites[:2])
+
+
+@pytest.mark.parametrize("hidden", [[16], [5, 7]])
+def test_component_mlp_matches_numpy_reference(hidden):
+    """SPEC S4 component_mlp: CI logit of component c = MLP_c(x @ V[:, c]), one MLP per component.
+    [5, 7] runs the scalar-in, matrix and scalar-out layer paths. fp32 vs float64: rtol 1e-5."""
+    from param_decomp_config.ci import ComponentMLPCIConfig
+
+    fn, params = build_ci_fn(ComponentMLPCIConfig(hidden_dims=hidden), SITES, LM_AXES, jax.random.key(3))
+    params = jax.tree.map(lambda a: a + 0.01 * jnp.arange(a.size).reshape(a.shape) / a.size, params)
+    keys = jax.random.split(jax.random.key(9), len(SITES))
+    acts = {s.name: jax.random.normal(k, (B, T, s.C)) for s, k in zip(SITES, keys, strict=True)}
+    out = jax.jit(fn.apply)(params, acts)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    (site_params,) = [v for v in _dicts_with(p, "w0")]
+    for s in SITES:
+        w = site_params[s.name]
+        for c in range(s.C):
+            h = np.asarray(acts[s.name], np.float64)[..., c : c + 1]  # [B, T, 1]
+            for i in range(len(hidden) + 1):
+                h = h @ w[f"w{i}"][c] + w[f"b{i}"][c]
+                h = _numpy_gelu(h) if i < len(hidden) else h
+            np.testing.assert_allclose(out[s.name][..., c], h[..., 0], rtol=1e-5, atol=1e-6)
+
+
+def _dicts_with(tree, key: str):
+    """The dicts of site name -> layer params inside a params pytree (found by a layer key)."""
+    if isinstance(tree, dict):
+        if tree and all(isinstance(v, dict) and key in v for v in tree.values()):
+            yield tree
+        else:
+            for v in tree.values():
+                yield from _dicts_with(v, key)
