@@ -33,8 +33,8 @@ PINNED = (
 
 CASES = {
     "tms_5-2": ("configs/tms_5-2_smoke.yaml", []),
-    # Pinned to the CI width the golden file was written with (the config now uses [128]).
-    "resid_mlp_1l": ("configs/resid_mlp_1l_smoke.yaml", ["ci_fn.hidden_dims=[16]"]),
+    # Pinned to the CI network the golden file was written with (the config now uses component_mlp).
+    "resid_mlp_1l": ("configs/resid_mlp_1l_smoke.yaml", ["ci_fn={type: layerwise_mlp, hidden_dims: [16]}"]),
     "stories260k": (
         "configs/stories260k_mlp_smoke.yaml",
         [
