@@ -16,6 +16,7 @@ import pytest
 from conftest import TRAJECTORY_RTOL
 from e2e import (
     SIGTERM,
+    SMOKE,
     assert_states_bitwise_equal,
     check,
     ckpt_steps,
@@ -31,9 +32,6 @@ from e2e import (
 
 from param_decomp_config.loading import ConfigError, load_config
 from param_decomp_jax.runtime.trainer import REQUEUE_EXIT_CODE, Trainer, steps_per_call
-
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "tms_5-2_smoke.yaml"
 
 
 def _smoke_cfg(tmp_path: Path, run_id: str, **overrides: object):

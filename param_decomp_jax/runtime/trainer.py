@@ -129,10 +129,9 @@ def make_loop_step(
     def loop_step(state: Any, frozen: Any, *step_inputs: jax.Array) -> Any:
         if n_steps == 1:
             return one_step(state, frozen, *step_inputs)
-        # The carry holds the metrics too, so only the last step's are returned (zeros to start).
-        metrics_shape = jax.eval_shape(one_step, state, frozen)[1]
-        zeros = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), metrics_shape)
-        return jax.lax.fori_loop(0, n_steps, lambda _, carry: one_step(carry[0], frozen), (state, zeros))
+        # The scan stacks each step's (scalar) metrics; the call returns the last step's.
+        state, metrics = jax.lax.scan(lambda s, _: one_step(s, frozen), state, length=n_steps)
+        return state, jax.tree.map(lambda m: m[-1], metrics)
 
     return loop_step
 
