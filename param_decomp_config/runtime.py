@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveInt, field_validator
 
 from param_decomp_config.base import StrictModel
 
@@ -53,6 +53,15 @@ class EvalConfig(StrictModel):
         "error, probe alive/dense counts, permuted-CI figure). 0.75, as in the SPD reference evaluation: "
         "the typical magnitude of an active feature (values are U[0, 1]), where a pretrained target's "
         "bias still cuts the interference a value-1 probe leaks to neighbouring features.",
+    )
+    dense_ci_blocks: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description="Toy targets only: sites expected to decompose into ONE block of k co-working "
+        "components rather than one component per feature (ResidMLP's `mlp_out`: k = d_mlp). Site "
+        "pattern (`*` wildcards) -> k. Each matched site logs `eval/dense_ci_error/<site>` at the end "
+        "of training: on the one-feature probes, the k components with the most CI mass must each be "
+        "fully important (CI >= 1 - ci_alive_threshold) on at least one probe and every other "
+        "component must stay <= ci_alive_threshold; the error counts the violations divided by k.",
     )
     rounding_threshold: float = Field(0.0, ge=0, lt=1, description="Rounded-CI mask: CI > threshold -> 1.")
     pgd_steps: int = Field(5, ge=0, description="Fresh-PGD probe ascents in eval (0 disables).")

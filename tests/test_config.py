@@ -49,6 +49,9 @@ BAD = [
     (["components_optimizer.lr=0"], "components_optimizer.lr"),
     (["losses.0={type: persistent_pgd_recon, coeff: 1, scope: {type: nsc, n: 3}}"], "losses.0.scope.n"),
     (["target.pretrain.feature_probability=2"], "target.pretrain.feature_probability"),
+    (["eval.dense_ci_blocks={linear9: 5}"], "eval.dense_ci_blocks.linear9"),
+    (["eval.dense_ci_blocks={linear2: 21}"], "eval.dense_ci_blocks.linear2"),
+    (["eval.dense_ci_blocks={linear2: 0}"], "eval.dense_ci_blocks.linear2"),
 ]
 
 

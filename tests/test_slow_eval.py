@@ -73,6 +73,21 @@ def test_slow_eval_older_step_without_figures(tmp_path_factory, capsys) -> None:
     assert "5.json" in capsys.readouterr().out
 
 
+def test_slow_eval_eval_overrides(tmp_path_factory, capsys) -> None:
+    """`--set eval.*` changes how a finished run is scored (here: a dense-CI block on linear2)."""
+    run = toy_run(tmp_path_factory)
+    args = [str(run.run_dir), "--step", "5", "--no-figures", "--no-progress"]
+    assert cli.main([*args, "--set", "eval.dense_ci_blocks={linear2: 5}"]) == 0
+    m = json.loads((run.run_dir / "slow_eval" / "5.json").read_text())["metrics"]
+    assert m["eval/dense_ci_error/linear2"] >= 0 and "eval/dense_ci_error/linear1" not in m
+    assert "dense_ci_error: linear2=" in capsys.readouterr().out
+    # Only evaluation settings: what was trained cannot be re-declared.
+    assert cli.main([*args, "--set", "steps=3"]) == 2
+    assert "only eval.* keys" in capsys.readouterr().err
+    assert cli.main([*args, "--set", "eval.dense_ci_blocks={linear7: 5}"]) == 2
+    assert "eval.dense_ci_blocks.linear7" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["missing", "no_ckpt", "bad_step", "bad_n"])
 def test_slow_eval_errors_exit_2_without_traceback(case, tmp_path, tmp_path_factory, capsys) -> None:
     run_dir = tmp_path / "p-00000000"

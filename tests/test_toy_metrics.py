@@ -7,6 +7,7 @@ import pytest
 
 from param_decomp_jax.eval.toy_metrics import (
     alive_components,
+    dense_ci_error,
     dense_ci_stats,
     identity_ci_error,
     probe_inputs,
@@ -84,3 +85,45 @@ def test_dense_ci_stats_and_alive() -> None:
     assert dense_ci_stats(ci, dense_frac=0.95)["dense"] == 1
     assert alive_components(ci, 0.1) == 3
     assert alive_components(ci, 0.01) == 6
+
+
+def _block(n_probes: int = 10, C: int = 12, k: int = 4) -> np.ndarray:
+    """k components sharing the probes (each fully on for some, off for others), the rest silent."""
+    ci = np.zeros((n_probes, C))
+    for j, col in enumerate([9, 2, 5, 0][:k]):
+        ci[j::k, col] = 1.0  # component `col` fires on every k-th probe, offset j
+    ci[:, 2] = np.maximum(ci[:, 2], 0.4)  # partial CI inside the block is allowed
+    ci[:, 0] = np.maximum(ci[:, 0], 0.05)  # sub-tolerance background: ranks component 0 above 5
+    return ci
+
+
+def test_dense_error_zero_for_a_block_in_any_basis() -> None:
+    ci = _block()
+    assert dense_ci_error(ci, k=4) == 0.0
+    # Independent of which component ids form the block, and of probe order.
+    assert dense_ci_error(ci[::-1][:, np.random.default_rng(0).permutation(12)], k=4) == 0.0
+
+
+def test_dense_error_counts_a_block_member_never_fully_on() -> None:
+    ci = _block()
+    ci[:, 5] = np.minimum(ci[:, 5], 0.85)  # < 1 - tolerance everywhere
+    assert dense_ci_error(ci, k=4) == pytest.approx(1 / 4)
+
+
+def test_dense_error_counts_entries_outside_the_block() -> None:
+    ci = _block()
+    ci[3, 7] = 0.2  # a fifth component fires (above tolerance) on one probe
+    assert dense_ci_error(ci, k=4) == pytest.approx(1 / 4)
+    ci[4, 7] = 0.05  # below tolerance: not counted
+    assert dense_ci_error(ci, k=4) == pytest.approx(1 / 4)
+
+
+def test_dense_error_k_mismatch() -> None:
+    ci = _block()
+    # A block of 3 expected: the lightest working component (5, on probes 2 and 6) falls outside
+    # it, and each of its firing probes is a stray entry.
+    assert dense_ci_error(ci, k=3) == pytest.approx(2 / 3)
+    # A block of 5 expected: the 5th-heaviest component (silent) never reaches 1 - tolerance.
+    assert dense_ci_error(ci, k=5) == pytest.approx(1 / 5)
+    with pytest.raises(ValueError, match="block size"):
+        dense_ci_error(ci, k=13)

@@ -23,6 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-batches", type=int, default=8, help="Eval batches to average over (default 8).")
     parser.add_argument("--no-figures", action="store_true", help="Only write the JSON.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
+        help="Override an evaluation setting of the run's pinned config (eval.* keys only; "
+        "repeatable), e.g. --set 'eval.dense_ci_blocks={layers.*.mlp_out: 50}' or "
+        "--set eval.probe_value=1.0.",
+    )
     return parser
 
 
@@ -37,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             # The same persistent compile cache as training (before anything compiles).
-            cfg = load_run_config(RunDir(args.run_dir))
+            cfg = load_run_config(RunDir(args.run_dir), args.overrides)
             enable_compile_cache(cfg.runtime.compile_cache_dir or args.run_dir.parent / ".jax_cache")
             result = run_slow_eval(
                 args.run_dir,
@@ -45,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.n_batches,
                 figures=not args.no_figures,
                 progress=not args.no_progress,
+                eval_overrides=args.overrides,
             )
         except (RunOpenError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -54,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:24s} {path}")
         recon = {k[11:]: v for k, v in result.metrics.items() if k.startswith("eval/recon/")}
         print("eval recon: " + "  ".join(f"{k}={v:.4g}" for k, v in recon.items()))
+        for prefix in ("eval/identity_ci_error/", "eval/dense_ci_error/"):
+            errs = {k[len(prefix) :]: v for k, v in result.metrics.items() if k.startswith(prefix)}
+            if errs:
+                print(prefix[5:-1] + ": " + "  ".join(f"{k}={v:.3g}" for k, v in errs.items()))
         return 0
 
     return run_cli(body)

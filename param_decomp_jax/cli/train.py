@@ -44,7 +44,11 @@ def format_summary(summary: dict, run_dir: str) -> str:
         lines.append("eval recon:   " + "  ".join(f"{k[11:]}={v:.4g}" for k, v in sorted(recon.items())))
     sites = sorted({k.split("/", 2)[-1] for k in summary if k.startswith("eval/alive/")})
     if sites:
-        lines.append(f"{'site':28s} {'alive':>6s} {'ci_l0':>7s} {'id_err':>7s} {'dense':>6s}")
+        # id_err: identity-CI error; act/probe: components with CI > threshold per one-feature probe;
+        # block_err: dense-CI error for the sites of `eval.dense_ci_blocks` (see toy_metrics).
+        lines.append(
+            f"{'site':28s} {'alive':>6s} {'ci_l0':>7s} {'id_err':>7s} {'act/probe':>9s} {'block_err':>9s}"
+        )
         for s in sites:
 
             def get(key: str) -> str:
@@ -53,7 +57,8 @@ def format_summary(summary: dict, run_dir: str) -> str:
 
             lines.append(
                 f"{s:28s} {get('eval/alive/' + s):>6s} {get('eval/ci_l0/' + s):>7s} "
-                f"{get('eval/identity_ci_error/' + s):>7s} {get('eval/probe_dense/' + s):>6s}"
+                f"{get('eval/identity_ci_error/' + s):>7s} {get('eval/probe_mean_active_per_input/' + s):>9s} "
+                f"{get('eval/dense_ci_error/' + s):>9s}"
             )
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ only the components and CI params are read back, onto one local device.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -65,13 +65,18 @@ def checkpoint_step(store: CheckpointStore, run: RunDir, step: int | None) -> in
     return step
 
 
-def load_run_config(run: RunDir) -> ExperimentConfig:
+def load_run_config(run: RunDir, eval_overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The pinned config; `eval_overrides` (`eval.key=value`, as `--set`) may change how the run is
+    evaluated, never what was trained."""
     if not run.root.is_dir():
         raise RunOpenError(f"run directory not found: {run.root}")
     if not run.config.is_file():
         raise RunOpenError(f"{run.root} is not a run directory: it has no config.yaml")
+    for text in eval_overrides:
+        if not text.startswith("eval."):
+            raise RunOpenError(f"--set {text}: only eval.* keys can be overridden when evaluating a run")
     try:
-        return load_config(run.config)
+        return load_config(run.config, overrides=eval_overrides)
     except ConfigError as e:
         raise RunOpenError(f"pinned config cannot be loaded: {e}") from None
 
@@ -166,7 +171,13 @@ class OpenedRun:
         return self._fn("acts", make)(self.components, self.frozen, self.residual(batch_or_residual))
 
 
-def open_run(run_dir: Path | str, step: int | None = None, *, target_cache: Path | None = None) -> OpenedRun:
+def open_run(
+    run_dir: Path | str,
+    step: int | None = None,
+    *,
+    target_cache: Path | None = None,
+    eval_overrides: Sequence[str] = (),
+) -> OpenedRun:
     """Load the pinned config and restore `step` (latest by default) of a run directory.
 
     Only `components` and `ci_params` are read (a partial orbax restore), replicated on a
@@ -174,7 +185,7 @@ def open_run(run_dir: Path | str, step: int | None = None, *, target_cache: Path
     from the run's sibling `.target_cache` (where training put them) or pretrained again.
     """
     run = RunDir(Path(run_dir))
-    cfg = load_run_config(run)
+    cfg = load_run_config(run, eval_overrides)
     if not run.ckpts.is_dir():
         raise RunOpenError(f"{run.root}: no checkpoint directory {run.ckpts}")
     with _quiet_absl():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,11 @@ def run_slow_eval(
     n_batches: int = 8,
     figures: bool = True,
     progress: bool = True,
+    eval_overrides: Sequence[str] = (),
 ) -> SlowEvalResult:
     if n_batches < 1:
         raise ValueError(f"--n-batches must be >= 1, got {n_batches}")
-    r = open_run(run_dir, step)
+    r = open_run(run_dir, step, eval_overrides=eval_overrides)
     cfg, model = r.cfg, r.model
     thr = cfg.eval.ci_alive_threshold
     arch = None

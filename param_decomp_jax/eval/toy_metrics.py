@@ -56,3 +56,24 @@ def dense_ci_stats(
         "mean_active_per_input": float(active_NxC.sum(axis=1).mean()),
         "dense": int((frac_C >= dense_frac).sum()),
     }
+
+
+def dense_ci_error(ci_FxC: Float[np.ndarray, "F C"], k: int, tolerance: float = 0.1) -> float:
+    """Distance of the probe CI pattern from "one block of k components, nothing outside it".
+
+    For a matrix that the target uses as a whole (ResidMLP's `mlp_out`: any basis of its rank-d_mlp
+    row space serves, e.g. one component per ReLU neuron) the expected decomposition is exactly k
+    components, however they split the work. The k components with the most CI mass over the probes
+    form the block: each must be fully important (CI >= 1 - tolerance) on at least one probe, and
+    every entry outside the block must stay <= tolerance. The error is the number of block components
+    that are never fully important plus the number of entries above tolerance outside the block,
+    divided by k: 0 is exactly k working components and silence elsewhere.
+    """
+    ci = np.asarray(ci_FxC, dtype=np.float64)
+    if not 0 < k <= ci.shape[1]:
+        raise ValueError(f"block size k = {k} must be in 1..C = {ci.shape[1]}")
+    by_mass = np.argsort(-ci.sum(axis=0), kind="stable")
+    block, rest = ci[:, by_mass[:k]], ci[:, by_mass[k:]]
+    never_full = np.count_nonzero(~(block >= 1.0 - tolerance).any(axis=0))
+    stray = np.count_nonzero(rest > tolerance)
+    return float(never_full + stray) / k
