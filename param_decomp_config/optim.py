@@ -34,3 +34,9 @@ class FaithfulnessWarmupConfig(StrictModel):
 
     steps: int = Field(400, ge=0, description="Warmup steps (0 disables).")
     lr: float = Field(1e-3, gt=0, description="Constant warmup learning rate.")
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="Decoupled AdamW weight decay of the warmup (the SPD reference's toy configs use 0.1: "
+        "of the many V/U that sum to W it prefers small ones, so the spare components start near zero).",
+    )

@@ -349,9 +349,9 @@ def make_train_step(model: DecomposedModel, ci_fn: CIFn, spec: LossSpec, optimiz
     return step_fn
 
 
-def make_faithfulness_warmup(model: DecomposedModel, steps: int, lr: float):
+def make_faithfulness_warmup(model: DecomposedModel, steps: int, lr: float, weight_decay: float = 0.0):
     """`warmup(components, frozen) -> (components, final_loss)`: faithfulness-only AdamW, optimizer discarded."""
-    tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
 
     def warmup(components: Components, frozen: PyTree) -> tuple[Components, Array]:
         def loss(c: Components) -> Array:

@@ -178,9 +178,8 @@ class Trainer:
 
             state = init_from_parent(self.cfg, state, shardings)
         elif self.cfg.faithfulness_warmup.steps > 0:
-            warm = make_faithfulness_warmup(
-                self.exp.model, self.cfg.faithfulness_warmup.steps, self.cfg.faithfulness_warmup.lr
-            )
+            fw = self.cfg.faithfulness_warmup
+            warm = make_faithfulness_warmup(self.exp.model, fw.steps, fw.lr, fw.weight_decay)
             comps, loss = jax.jit(warm, out_shardings=(shardings["components"], self.replicated))(
                 state["components"], self.exp.frozen
             )
