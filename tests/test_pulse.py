@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, STORIES260K
 
+from param_decomp_jax.cli.slow_eval import main as slow_eval_main
 from param_decomp_jax.cli.train import main as train_main
 from param_decomp_jax.runtime.sinks import read_metrics
 
@@ -51,7 +52,19 @@ def test_tms_smoke_pulse(tmp_path: Path):
 
 def test_resid_mlp_smoke_pulse(tmp_path: Path):
     run = _train("configs/resid_mlp_1l_smoke.yaml", tmp_path, "p-0000b002")
-    _check_run_dir(run, ["layers.0.mlp_in", "layers.0.mlp_out"], 20)
+    summary = _check_run_dir(run, ["layers.0.mlp_in", "layers.0.mlp_out"], 20)
+    # The config declares mlp_out a dense block (eval.dense_ci_blocks): only that site is scored.
+    block_err = summary["eval/dense_ci_error/layers.0.mlp_out"]
+    assert block_err >= 0 and "eval/dense_ci_error/layers.0.mlp_in" not in summary
+    # jsp-slow-eval on the same checkpoint (ResidMLP batches go through the embedding prefix)
+    # reproduces the end-of-run probe metrics exactly (same CI fn on the same probes).
+    assert slow_eval_main([str(run), "--no-figures", "--no-progress"]) == 0
+    record = json.loads((run / "slow_eval" / "20.json").read_text())
+    assert record["metrics"]["eval/dense_ci_error/layers.0.mlp_out"] == block_err
+    assert (
+        record["metrics"]["eval/identity_ci_error/layers.0.mlp_in"]
+        == summary["eval/identity_ci_error/layers.0.mlp_in"]
+    )
 
 
 @pytest.mark.slow

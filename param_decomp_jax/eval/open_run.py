@@ -7,8 +7,9 @@ batch = run.eval_batch(0)                    # the eval stream the trainer evalu
 ci = run.ci(batch)                           # {site: CI [*leading, C]} in [0, 1]
 acts = run.component_acts(batch)             # {site: x @ V [*leading, C]}
 ```
-Integer arrays are token batches (they go through the frozen prefix); float arrays are residuals
-(for toy targets the batch IS the residual). Placement never depends on how the run was trained:
+Batches go through the frozen prefix: integer arrays (token batches) and float arrays as wide as a
+toy batch (`[..., n_features]`; ResidMLP embeds them, TMS's prefix is the identity); any other float
+array is taken to be a residual already. Placement never depends on how the run was trained:
 only the components and CI params are read back, onto one local device.
 """
 
@@ -132,7 +133,8 @@ class OpenedRun:
 
     def residual(self, batch_or_residual: Array) -> Array:
         x = jnp.asarray(batch_or_residual)
-        if not jnp.issubdtype(x.dtype, jnp.integer):
+        toy_batch_width = getattr(self.cfg.target, "n_features", None)
+        if not (jnp.issubdtype(x.dtype, jnp.integer) or x.shape[-1] == toy_batch_width):
             return x
         fn = self._fn("residual", lambda: lambda f, b: self.exp.residual_fn(f, b))
         return fn(self.frozen, x)
