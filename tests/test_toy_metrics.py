@@ -7,6 +7,7 @@ import pytest
 
 from param_decomp_jax.eval.toy_metrics import (
     alive_components,
+    dense_block_sizes,
     dense_ci_error,
     dense_ci_stats,
     identity_ci_error,
@@ -127,3 +128,19 @@ def test_dense_error_k_mismatch() -> None:
     assert dense_ci_error(ci, k=5) == pytest.approx(1 / 5)
     with pytest.raises(ValueError, match="block size"):
         dense_ci_error(ci, k=13)
+
+
+def test_dense_block_sizes_first_matching_pattern_wins() -> None:
+    sites = ["layers.0.mlp_in", "layers.0.mlp_out", "layers.1.mlp_out"]
+    blocks = dense_block_sizes({"layers.0.*": 7, "layers.*.mlp_out": 25}, sites)
+    assert blocks == {"layers.0.mlp_in": 7, "layers.0.mlp_out": 7, "layers.1.mlp_out": 25}
+    assert dense_block_sizes({}, sites) == {}
+
+
+def test_dense_block_figure_order_puts_the_block_first() -> None:
+    from param_decomp_jax.eval.figures import dense_block_order
+
+    ci = _block()
+    ci[3, 7] = 0.2  # a stray component alive outside the block
+    order, split = dense_block_order(ci, threshold=0.1, k=4)
+    assert split == 4 and set(order[:4]) == {9, 2, 5, 0} and list(order[4:]) == [7]

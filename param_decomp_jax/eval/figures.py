@@ -81,25 +81,62 @@ def probe_permutation(ci_FxC: np.ndarray, threshold: float) -> tuple[np.ndarray,
     return np.concatenate([matched, rest]).astype(int), len(matched)
 
 
-def permuted_ci(probe_ci: Mapping[str, np.ndarray], threshold: float, path: Path, step: int) -> Path:
+def dense_block_order(ci_FxC: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, int]:
+    """Column order for a site expected to be one block of k components: by CI mass over the probes
+    (the block the dense-CI error scores comes first), then any other component alive on a probe.
+    Returns (order, k)."""
+    by_mass = np.argsort(-ci_FxC.sum(axis=0), kind="stable")
+    keep = np.zeros(len(by_mass), dtype=bool)
+    keep[:k] = True
+    keep[k:] = ci_FxC[:, by_mass[k:]].max(axis=0) > threshold
+    return by_mass[keep].astype(int), k
+
+
+def site_probe_orders(
+    probe_ci: Mapping[str, np.ndarray], threshold: float, dense_blocks: Mapping[str, int]
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Per site (order, split): the dense-block order for the sites in `dense_blocks`, else the
+    feature-matched order; `split` is where the red line goes (block size / matched count)."""
+    return {
+        site: dense_block_order(ci, threshold, dense_blocks[site])
+        if site in dense_blocks
+        else probe_permutation(ci, threshold)
+        for site, ci in probe_ci.items()
+    }
+
+
+def permuted_ci(
+    probe_ci: Mapping[str, np.ndarray],
+    threshold: float,
+    path: Path,
+    step: int,
+    dense_blocks: Mapping[str, int] | None = None,
+) -> Path:
     """Per site: CI on one-feature probes (rows) for components permuted to match features (columns).
-    A recovered toy decomposition shows an identity block and nothing else."""
-    fig, axes = _grid(len(probe_ci), max_cols=3, panel=(4.2, 3.4))
+    A recovered toy decomposition shows an identity block and nothing else; a site in `dense_blocks`
+    (site -> k) is ordered by CI mass instead and should show k busy columns and nothing else."""
+    blocks = dict(dense_blocks or {})
+    orders = site_probe_orders(probe_ci, threshold, blocks)
+    fig, axes = _grid(len(probe_ci), max_cols=3, panel=(4.8, 3.6))
+    fig.subplots_adjust(wspace=0.3)
     im = None
     for ax, (site, ci) in zip(axes, probe_ci.items(), strict=True):
-        order, n_matched = probe_permutation(ci, threshold)
+        order, split = orders[site]
         im = ax.imshow(ci[:, order], vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto", interpolation="nearest")
-        ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
-        ax.set_yticks(range(ci.shape[0]))
-        if len(order) > n_matched:
-            ax.axvline(n_matched - 0.5, color="tab:red", lw=1)
+        if len(order) <= 40:  # beyond that the ids are unreadable
+            ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
+        if ci.shape[0] <= 40:
+            ax.set_yticks(range(ci.shape[0]))
+        if len(order) > split:
+            ax.axvline(split - 0.5, color="tab:red", lw=1)
         alive = int((ci.max(axis=0) > threshold).sum())
-        ax.set_title(f"{site}: {alive}/{ci.shape[1]} components alive on probes", fontsize=9)
+        kind = f"block of {blocks[site]}, by CI mass" if site in blocks else "matched to features"
+        ax.set_title(f"{site}\n{alive}/{ci.shape[1]} alive on probes ({kind})", fontsize=9)
         ax.set_xlabel("component id (permuted)")
         ax.set_ylabel("probe: feature on")
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="causal importance")
-    fig.suptitle(f"CI on one-feature probes, components permuted (step {step})")
+    fig.suptitle(f"CI on one-feature probes, components permuted (step {step})", y=1.03)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -28,6 +28,7 @@ from param_decomp_jax.core.squash import lower_leaky_hard
 from param_decomp_jax.eval import figures as fig_lib
 from param_decomp_jax.eval.in_loop import eval_masks, make_eval_step
 from param_decomp_jax.eval.open_run import OpenedRun, open_run
+from param_decomp_jax.eval.toy_metrics import dense_block_sizes
 
 HIST_BINS = 50
 HIDDEN_KINDS = ("ci_masked", "stochastic")  # mask families of the hidden-activation / attention recon
@@ -284,8 +285,9 @@ def _write_figures(
             "attention layer",
         )
     if probe:
-        figs["permuted_ci"] = fig_lib.permuted_ci(probe, thr, d / f"permuted_ci_{step}.png", step)
-        orders = {s: fig_lib.probe_permutation(ci, thr)[0] for s, ci in probe.items()}
+        blocks = dense_block_sizes(r.cfg.eval.dense_ci_blocks, list(probe))
+        figs["permuted_ci"] = fig_lib.permuted_ci(probe, thr, d / f"permuted_ci_{step}.png", step, blocks)
+        orders = {s: order for s, (order, _) in fig_lib.site_probe_orders(probe, thr, blocks).items()}
         comps = {
             s: {k: np.asarray(v) for k, v in vu.items()} for s, vu in jax.device_get(r.components).items()
         }

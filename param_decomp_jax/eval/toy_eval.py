@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import jax
@@ -10,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from param_decomp_jax.eval.in_loop import make_ci_of_residual
-from param_decomp_jax.eval.toy_metrics import dense_ci_error, dense_ci_stats, identity_ci_error, probe_inputs
+from param_decomp_jax.eval.toy_metrics import (
+    dense_block_sizes,
+    dense_ci_error,
+    dense_ci_stats,
+    identity_ci_error,
+    probe_inputs,
+)
 
 
 def probe_ci(exp: Any, ci_params: Any, components: Any = None) -> dict[str, np.ndarray]:
@@ -27,12 +32,12 @@ def toy_probe_metrics(exp: Any, ci_params: Any, threshold: float, components: An
     `eval.dense_ci_blocks` the dense-CI error against a block of that size (the first pattern that
     matches a site gives its k)."""
     out: dict[str, float] = {}
-    blocks = exp.cfg.eval.dense_ci_blocks
-    for site, ci in probe_ci(exp, ci_params, components).items():
+    cis = probe_ci(exp, ci_params, components)
+    blocks = dense_block_sizes(exp.cfg.eval.dense_ci_blocks, list(cis))
+    for site, ci in cis.items():
         out[f"eval/identity_ci_error/{site}"] = float(identity_ci_error(ci, threshold))
-        k = next((k for pattern, k in blocks.items() if fnmatch.fnmatchcase(site, pattern)), None)
-        if k is not None:
-            out[f"eval/dense_ci_error/{site}"] = dense_ci_error(ci, k, threshold)
+        if site in blocks:
+            out[f"eval/dense_ci_error/{site}"] = dense_ci_error(ci, blocks[site], threshold)
         stats = dense_ci_stats(ci, threshold)
         for k, v in stats.items():
             out[f"eval/probe_{k}/{site}"] = float(v)

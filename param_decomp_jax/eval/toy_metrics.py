@@ -6,6 +6,9 @@ component when only feature i is on (at the probe magnitude, `eval.probe_value`)
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 from jaxtyping import Float
 from scipy.optimize import linear_sum_assignment
@@ -77,3 +80,13 @@ def dense_ci_error(ci_FxC: Float[np.ndarray, "F C"], k: int, tolerance: float = 
     never_full = np.count_nonzero(~(block >= 1.0 - tolerance).any(axis=0))
     stray = np.count_nonzero(rest > tolerance)
     return float(never_full + stray) / k
+
+
+def dense_block_sizes(patterns: Mapping[str, int], site_names: Sequence[str]) -> dict[str, int]:
+    """Site -> block size k from `eval.dense_ci_blocks` (pattern -> k; the first matching pattern wins)."""
+    out: dict[str, int] = {}
+    for site in site_names:
+        k = next((k for pattern, k in patterns.items() if fnmatch.fnmatchcase(site, pattern)), None)
+        if k is not None:
+            out[site] = k
+    return out
