@@ -136,7 +136,7 @@ class ExperimentConfig(StrictModel):
             raise ValueError("ci_fn.type: 'shared_transformer' attends over sequences; toy targets have none")
         if self.run_id is not None and not _is_run_id(self.run_id):
             raise ValueError(f"run_id: {self.run_id!r} is not `p-` followed by 8 hex digits")
-        self._check_dense_ci_blocks(dict(self.resolved_sites()), is_lm)
+        self._check_dense_ci_blocks(available, dict(self.resolved_sites()), is_lm)
         k = self.runtime.steps_per_call
         if k > 1:
             for key, every in self.call_boundaries().items():
@@ -145,15 +145,16 @@ class ExperimentConfig(StrictModel):
         self._warn_narrow_layerwise_ci()
         return self
 
-    def _check_dense_ci_blocks(self, site_C: dict[str, int], is_lm: bool) -> None:
+    def _check_dense_ci_blocks(self, available: list[str], site_C: dict[str, int], is_lm: bool) -> None:
         for pattern, k in self.eval.dense_ci_blocks.items():
             key = f"eval.dense_ci_blocks.{pattern}"
             if is_lm:
                 raise ValueError(f"{key}: dense-CI blocks are scored on one-feature probes; toy targets only")
-            hits = fnmatch.filter(list(site_C), pattern)
-            if not hits:
-                raise ValueError(f"{key}: pattern matches no decomposed site of {list(site_C)}")
-            for name in hits:
+            # A pattern must name sites of the target (typos fail); a run that decomposes only some
+            # sites (`--set sites=...`) simply does not score the blocks it left out.
+            if not fnmatch.filter(available, pattern):
+                raise ValueError(f"{key}: pattern matches no site of target {self.target.type!r} {available}")
+            for name in fnmatch.filter(list(site_C), pattern):
                 if k > site_C[name]:
                     raise ValueError(f"{key}: block of {k} components exceeds C = {site_C[name]} of {name}")
 

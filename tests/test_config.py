@@ -71,6 +71,15 @@ def test_yaml_errors_name_the_file(tmp_path: Path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_dense_block_of_a_site_left_out_is_not_scored():
+    """A config may declare blocks for sites a run does not decompose (`--set sites=...`)."""
+    path = REPO_ROOT / "configs" / "resid_mlp_1l.yaml"
+    cfg = load_config(path, ["sites=[{name: layers.0.mlp_in, C: 100}]"])
+    assert cfg.eval.dense_ci_blocks == {"layers.*.mlp_out": 50}
+    with pytest.raises(ConfigError, match="eval.dense_ci_blocks.layers.7.mlp_out"):
+        load_config(path, ["eval.dense_ci_blocks={layers.7.mlp_out: 5}"])
+
+
 def test_set_override_of_list_item_by_index():
     cfg = load_config(TMS, ["losses.2.coeff=0.5", "target.pretrain.seed=3"])
     assert cfg.losses[2].coeff == 0.5 and cfg.target.pretrain.seed == 3
