@@ -111,12 +111,14 @@ def permuted_ci(
     path: Path,
     step: int,
     dense_blocks: Mapping[str, int] | None = None,
+    orders: Mapping[str, tuple[np.ndarray, int]] | None = None,
 ) -> Path:
     """Per site: CI on one-feature probes (rows) for components permuted to match features (columns).
     A recovered toy decomposition shows an identity block and nothing else; a site in `dense_blocks`
     (site -> k) is ordered by CI mass instead and should show k busy columns and nothing else."""
     blocks = dict(dense_blocks or {})
-    orders = site_probe_orders(probe_ci, threshold, blocks)
+    # `orders`: the caller's `site_probe_orders(...)` when it needs them too (UV plots).
+    orders = orders if orders is not None else site_probe_orders(probe_ci, threshold, blocks)
     fig, axes = _grid(len(probe_ci), max_cols=3, panel=(4.8, 3.6))
     fig.subplots_adjust(wspace=0.3)
     im = None

@@ -144,12 +144,10 @@ class _Accumulator:
 
 
 def _toy_extras(r: OpenedRun, threshold: float) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    from param_decomp_jax.eval.toy_eval import probe_ci, toy_probe_metrics
+    from param_decomp_jax.eval.toy_eval import probe_ci, probe_metrics
 
-    return (
-        toy_probe_metrics(r.exp, r.ci_params, threshold, r.components),
-        probe_ci(r.exp, r.ci_params, r.components),
-    )
+    probe = probe_ci(r.exp, r.ci_params, r.components)  # once: metrics and figures share it
+    return probe_metrics(probe, threshold, r.cfg.eval.dense_ci_blocks), probe
 
 
 def run_slow_eval(
@@ -286,8 +284,11 @@ def _write_figures(
         )
     if probe:
         blocks = dense_block_sizes(r.cfg.eval.dense_ci_blocks, list(probe))
-        figs["permuted_ci"] = fig_lib.permuted_ci(probe, thr, d / f"permuted_ci_{step}.png", step, blocks)
-        orders = {s: order for s, (order, _) in fig_lib.site_probe_orders(probe, thr, blocks).items()}
+        site_orders = fig_lib.site_probe_orders(probe, thr, blocks)
+        figs["permuted_ci"] = fig_lib.permuted_ci(
+            probe, thr, d / f"permuted_ci_{step}.png", step, blocks, site_orders
+        )
+        orders = {s: order for s, (order, _) in site_orders.items()}
         comps = {
             s: {k: np.asarray(v) for k, v in vu.items()} for s, vu in jax.device_get(r.components).items()
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,12 +29,18 @@ def probe_ci(exp: Any, ci_params: Any, components: Any = None) -> dict[str, np.n
 
 
 def toy_probe_metrics(exp: Any, ci_params: Any, threshold: float, components: Any = None) -> dict[str, float]:
+    """`probe_metrics` of the probe CI of this state (see there)."""
+    return probe_metrics(probe_ci(exp, ci_params, components), threshold, exp.cfg.eval.dense_ci_blocks)
+
+
+def probe_metrics(
+    cis: Mapping[str, np.ndarray], threshold: float, dense_ci_blocks: Mapping[str, int]
+) -> dict[str, float]:
     """Per site: identity-CI error, probe alive/active/dense counts, and for the sites named in
     `eval.dense_ci_blocks` the dense-CI error against a block of that size (the first pattern that
     matches a site gives its k)."""
     out: dict[str, float] = {}
-    cis = probe_ci(exp, ci_params, components)
-    blocks = dense_block_sizes(exp.cfg.eval.dense_ci_blocks, list(cis))
+    blocks = dense_block_sizes(dense_ci_blocks, list(cis))
     for site, ci in cis.items():
         out[f"eval/identity_ci_error/{site}"] = float(identity_ci_error(ci, threshold))
         if site in blocks:
