@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
+from param_decomp_jax.eval.toy_metrics import columns_by_ci_mass  # noqa: E402
+
 _PANEL_W, _PANEL_H = 3.6, 2.8
 
 
@@ -85,7 +87,7 @@ def dense_block_order(ci_FxC: np.ndarray, threshold: float, k: int) -> tuple[np.
     """Column order for a site expected to be one block of k components: by CI mass over the probes
     (the block the dense-CI error scores comes first), then any other component alive on a probe.
     Returns (order, k)."""
-    by_mass = np.argsort(-ci_FxC.sum(axis=0), kind="stable")
+    by_mass = columns_by_ci_mass(ci_FxC)  # the same block the dense-CI error scores
     keep = np.zeros(len(by_mass), dtype=bool)
     keep[:k] = True
     keep[k:] = ci_FxC[:, by_mass[k:]].max(axis=0) > threshold

@@ -61,6 +61,11 @@ def dense_ci_stats(
     }
 
 
+def columns_by_ci_mass(ci_NxC: Float[np.ndarray, "N C"]) -> np.ndarray:
+    """Component indices by total CI over the inputs, largest first (ties: lower index first)."""
+    return np.argsort(-np.asarray(ci_NxC).sum(axis=0), kind="stable")
+
+
 def dense_ci_error(ci_FxC: Float[np.ndarray, "F C"], k: int, tolerance: float = 0.1) -> float:
     """Distance of the probe CI pattern from "one block of k components, nothing outside it".
 
@@ -75,7 +80,7 @@ def dense_ci_error(ci_FxC: Float[np.ndarray, "F C"], k: int, tolerance: float = 
     ci = np.asarray(ci_FxC, dtype=np.float64)
     if not 0 < k <= ci.shape[1]:
         raise ValueError(f"block size k = {k} must be in 1..C = {ci.shape[1]}")
-    by_mass = np.argsort(-ci.sum(axis=0), kind="stable")
+    by_mass = columns_by_ci_mass(ci)
     block, rest = ci[:, by_mass[:k]], ci[:, by_mass[k:]]
     never_full = np.count_nonzero(~(block >= 1.0 - tolerance).any(axis=0))
     stray = np.count_nonzero(rest > tolerance)
